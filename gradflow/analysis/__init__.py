@@ -1,0 +1,2 @@
+"""gradflow.analysis."""
+__all__: list[str] = []

@@ -1,0 +1,2 @@
+"""gradflow.models."""
+__all__: list[str] = []

@@ -1,0 +1,2 @@
+"""gradflow.recording."""
+__all__: list[str] = []

@@ -1,0 +1,2 @@
+"""gradflow.report."""
+__all__: list[str] = []

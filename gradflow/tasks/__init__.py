@@ -1,0 +1,2 @@
+"""gradflow.tasks."""
+__all__: list[str] = []

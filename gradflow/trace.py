@@ -1,0 +1,402 @@
+"""Trace and StateKey: what one backward pass recorded, as plain CPU tensors.
+
+Conventions (fixed; analysis, training and reports rely on them):
+
+* A **unit** is one recurrence: (module path, layer, direction, call). A fused ``nn.LSTM`` with 2
+  layers, bidirectional, called once, has 4 units; a cell module called in a Python loop has one
+  unit (its calls are the timesteps).
+* A :class:`StateKey` is a unit plus a state name: ``"h"`` for every cell, ``"c"`` also for LSTM.
+* Every tensor is **time-major** ``[T, B, ...]`` whatever the module's ``batch_first``; index ``t``
+  is the position in the input sequence for both directions (as in the module's output), ``b`` is
+  the batch index in the caller's order (PackedSequence sorting is undone).
+* ``grad(key)[t, b]`` is the **total** derivative dL/ds_t of the state ``s_t`` with the full state
+  (h, and c for LSTM) as independent coordinates: ``δ_t = ∂L/∂out_t + J_{t+1}ᵀ δ_{t+1}``. For an LSTM
+  the c-block excludes the same-step path through ``h_t = o_t·tanh(c_t)``.
+* ``mask(key)[t, b]`` is False where step t does not exist for sequence b (past its length in a
+  PackedSequence). Gradients there are NaN in ``grad`` and ``norm``; they are *missing*, not zero.
+* With ``keep="states"`` the trace also holds, per key, the state values ``s_t`` and the state fed
+  into step t (``prev_states``; for direction 1 that is the state at t+1, since the reverse
+  direction processes positions T-1, ..., 0), per unit the layer input ``x_t``, the cell description
+  and a detached copy of its parameters — everything needed to recompute the per-step Jacobians
+  without the model. At masked steps the state is carried unchanged (its Jacobian is the identity).
+
+Saved traces are a directory of ``trace.json`` (schema, keys, cells, meta), ``norms.csv`` (tidy:
+one row per key × t × b) and ``arrays.npz`` (loaded with ``allow_pickle=False``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from . import _io
+from .errors import TraceError
+
+__all__ = ["StateKey", "CellInfo", "Trace"]
+
+_KEY_RE = re.compile(r"^(?P<module>.*)/l(?P<layer>\d+)/d(?P<direction>[01])/(?P<state>\w+)(?:/call(?P<call>\d+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class StateKey:
+    """Identifies one recorded state: ``module`` is the dotted path from ``model.named_modules()``
+    (``""`` for the root), ``layer`` and ``direction`` (0 forward, 1 reverse) index the recurrence
+    inside a fused module, ``state`` is ``"h"`` or ``"c"``, ``call`` counts calls of the same fused
+    module within one backward pass (0 for the first)."""
+
+    module: str
+    layer: int = 0
+    direction: int = 0
+    state: str = "h"
+    call: int = 0
+
+    @property
+    def unit(self) -> tuple[str, int, int, int]:
+        return (self.module, self.layer, self.direction, self.call)
+
+    def with_state(self, state: str) -> "StateKey":
+        return StateKey(self.module, self.layer, self.direction, state, self.call)
+
+    def __str__(self) -> str:
+        s = f"{self.module or '<root>'}/l{self.layer}/d{self.direction}/{self.state}"
+        return s + (f"/call{self.call}" if self.call else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "StateKey":
+        m = _KEY_RE.match(text)
+        if not m:
+            raise TraceError(f"cannot parse state key {text!r}: expected MODULE/lLAYER/dDIR/STATE, e.g. 'rnn/l0/d0/h'")
+        module = m["module"]
+        return cls(
+            "" if module == "<root>" else module,
+            int(m["layer"]),
+            int(m["direction"]),
+            m["state"],
+            int(m["call"] or 0),
+        )
+
+
+@dataclass(frozen=True)
+class CellInfo:
+    """What recurrence a unit runs.
+
+    kind: ``"rnn_tanh" | "rnn_relu" | "lstm" | "gru" | "custom"``; source: ``"fused"`` (nn.RNN/LSTM/GRU),
+    ``"cell"`` (nn.*Cell in a loop) or ``"custom"`` (a registered user cell). ``state_sizes`` maps
+    state name to its size (LSTM with ``proj_size``: h has proj_size, c has hidden_size).
+    Parameter names in ``Trace.params``: ``weight_ih [G*H, F]``, ``weight_hh [G*H, P]``,
+    ``bias_ih [G*H]``, ``bias_hh [G*H]`` (absent when ``bias=False``), ``weight_hr [P, H]`` (proj only);
+    gate order as in PyTorch: LSTM i, f, g, o; GRU r, z, n.
+    """
+
+    kind: str
+    input_size: int
+    hidden_size: int
+    proj_size: int = 0
+    states: tuple[str, ...] = ("h",)
+    state_sizes: Mapping[str, int] = field(default_factory=dict)
+    bias: bool = True
+    source: str = "fused"
+    cell_class: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["states"] = list(self.states)
+        d["state_sizes"] = dict(self.state_sizes)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "CellInfo":
+        d = dict(d)
+        d["states"] = tuple(d["states"])
+        return cls(**d)
+
+
+def _as_key(key: "StateKey | str") -> StateKey:
+    if isinstance(key, StateKey):
+        return key
+    if isinstance(key, str):
+        return StateKey.parse(key)
+    raise TraceError(f"a state key must be a StateKey or a string like 'rnn/l0/d0/h', got {type(key).__name__}")
+
+
+class Trace:
+    """Gradients (and optionally states) recorded during one backward pass. See the module docstring."""
+
+    KEEPS = ("norms", "full", "states")
+
+    def __init__(self, keep: str = "norms", meta: Mapping[str, Any] | None = None):
+        if keep not in self.KEEPS:
+            raise TraceError(f"keep={keep!r} is not one of {', '.join(self.KEEPS)}")
+        self.keep = keep
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._keys: list[StateKey] = []
+        self._norm: dict[StateKey, torch.Tensor] = {}
+        self._grad: dict[StateKey, torch.Tensor] = {}
+        self._state: dict[StateKey, torch.Tensor] = {}
+        self._prev: dict[StateKey, torch.Tensor] = {}
+        self._mask: dict[tuple, torch.Tensor] = {}
+        self._inputs: dict[tuple, torch.Tensor] = {}
+        self._cells: dict[tuple, CellInfo] = {}
+        self._params: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._modules: dict[tuple, torch.nn.Module] = {}  # live modules of custom cells (not saved)
+
+    # ------------------------------------------------------------------ building (used by recording)
+    def _add_unit(self, unit: tuple, cell: CellInfo, mask: torch.Tensor, *, inputs=None, params=None, module=None):
+        self._cells[unit] = cell
+        self._mask[unit] = mask.detach().to("cpu", torch.bool)
+        if inputs is not None:
+            self._inputs[unit] = inputs.detach().cpu()
+        if params is not None:
+            self._params[unit] = {k: v.detach().cpu().clone() for k, v in params.items()}
+        if module is not None:
+            self._modules[unit] = module
+
+    def _add_state(self, key: StateKey, grad: torch.Tensor, *, state=None, prev=None):
+        """``grad`` [T, B, H] (any device/dtype, NaN where masked). Norms are taken in float64."""
+        grad = grad.detach()
+        norm = torch.linalg.vector_norm(grad.to(torch.float64), dim=-1).cpu()
+        if key not in self._norm:
+            self._keys.append(key)
+        self._norm[key] = norm
+        if self.keep in ("full", "states"):
+            self._grad[key] = grad.cpu()
+        if self.keep == "states":
+            if state is None or prev is None:
+                raise TraceError(f"{key}: keep='states' needs state values")
+            self._state[key] = state.detach().cpu()
+            self._prev[key] = prev.detach().cpu()
+
+    # ------------------------------------------------------------------ reading
+    def keys(self, module: str | None = None, state: str | None = None) -> list[StateKey]:
+        """All recorded keys in recording order, optionally filtered by module path and state name."""
+        return [
+            k for k in self._keys if (module is None or k.module == module) and (state is None or k.state == state)
+        ]
+
+    def units(self) -> list[tuple]:
+        return list(dict.fromkeys(k.unit for k in self._keys))
+
+    def __contains__(self, key) -> bool:
+        try:
+            return _as_key(key) in self._norm
+        except TraceError:
+            return False
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _check(self, key) -> StateKey:
+        k = _as_key(key)
+        if k not in self._norm:
+            known = ", ".join(str(x) for x in self._keys[:8]) or "none"
+            raise TraceError(f"no state {k} in this trace (recorded: {known})")
+        return k
+
+    def _need(self, what: str, keep: tuple[str, ...], key: StateKey):
+        if self.keep not in keep:
+            raise TraceError(
+                f"{key}: {what} not kept (trace recorded with keep={self.keep!r}); record with keep={keep[0]!r}"
+            )
+
+    def norm(self, key) -> torch.Tensor:
+        """[T, B] float64 L2 norm of dL/ds_t over the state dimension (NaN where masked)."""
+        return self._norm[self._check(key)]
+
+    def log10_norm(self, key) -> torch.Tensor:
+        """[T, B] float64 log10 of :meth:`norm` (-inf where the gradient is exactly 0)."""
+        with np.errstate(divide="ignore"):
+            return torch.log10(self.norm(key))
+
+    def grad(self, key) -> torch.Tensor:
+        """[T, B, H] total dL/ds_t in the model's dtype (NaN where masked)."""
+        k = self._check(key)
+        self._need("gradients", ("full", "states"), k)
+        return self._grad[k]
+
+    def mask(self, key) -> torch.Tensor:
+        """[T, B] bool, True where step t exists for sequence b."""
+        return self._mask[self._check(key).unit]
+
+    def shape(self, key) -> tuple[int, int]:
+        """(T, B) of a key."""
+        n = self.norm(key)
+        return int(n.shape[0]), int(n.shape[1])
+
+    def cell(self, key) -> CellInfo:
+        return self._cells[self._check(key).unit]
+
+    def states(self, key) -> torch.Tensor:
+        """[T, B, H] the state value s_t after step t (keep='states')."""
+        k = self._check(key)
+        self._need("states", ("states",), k)
+        return self._state[k]
+
+    def prev_states(self, key) -> torch.Tensor:
+        """[T, B, H] the state fed into step t (s_{t-1} forward, s_{t+1} reverse; the initial state at
+        the first processed step) (keep='states')."""
+        k = self._check(key)
+        self._need("states", ("states",), k)
+        return self._prev[k]
+
+    def inputs(self, key) -> torch.Tensor:
+        """[T, B, F] the input x_t of the unit (the previous layer's output for layer > 0, after
+        inter-layer dropout) (keep='states')."""
+        k = self._check(key)
+        self._need("inputs", ("states",), k)
+        return self._inputs[k.unit]
+
+    def params(self, key) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the unit's parameters (names in :class:`CellInfo`) (keep='states')."""
+        k = self._check(key)
+        self._need("parameters", ("states",), k)
+        return self._params.get(k.unit, {})
+
+    def module(self, key) -> torch.nn.Module | None:
+        """The live module of a custom cell (None after load or for built-in cells)."""
+        return self._modules.get(self._check(key).unit)
+
+    # ------------------------------------------------------------------ findings
+    def nonfinite(self):
+        """Tidy DataFrame of every (key, t, b) whose gradient norm is NaN or ±Inf at a valid step."""
+        import pandas as pd
+
+        rows = []
+        for k in self._keys:
+            n = self._norm[k]
+            bad = (~torch.isfinite(n)) & self._mask[k.unit]
+            for t, b in bad.nonzero().tolist():
+                rows.append({**_key_cols(k), "t": t, "b": b, "norm": float(n[t, b])})
+        return pd.DataFrame(rows, columns=["module", "layer", "direction", "state", "call", "t", "b", "norm"])
+
+    def to_frame(self):
+        """Tidy DataFrame, one row per key × t × b: module, layer, direction, state, call, t, b, valid,
+        norm, log10_norm."""
+        import pandas as pd
+
+        parts = []
+        for k in self._keys:
+            n = self._norm[k].numpy()
+            T, B = n.shape
+            t, b = np.meshgrid(np.arange(T), np.arange(B), indexing="ij")
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ln = np.log10(n)
+            d = pd.DataFrame(
+                {
+                    "t": t.ravel(),
+                    "b": b.ravel(),
+                    "valid": self._mask[k.unit].numpy().ravel(),
+                    "norm": n.ravel(),
+                    "log10_norm": ln.ravel(),
+                }
+            )
+            for c, v in _key_cols(k).items():
+                d.insert(0, c, v)
+            parts.append(d)
+        cols = ["module", "layer", "direction", "state", "call", "t", "b", "valid", "norm", "log10_norm"]
+        if not parts:
+            return pd.DataFrame(columns=cols)
+        return pd.concat(parts, ignore_index=True)[cols]
+
+    def __repr__(self) -> str:
+        ks = ", ".join(str(k) for k in self._keys[:4]) + (", ..." if len(self._keys) > 4 else "")
+        return f"Trace(keep={self.keep!r}, keys=[{ks}])"
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``trace.json``, ``norms.csv`` and ``arrays.npz`` into directory ``path`` atomically."""
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {}
+        units = self.units()
+        uid = {u: i for i, u in enumerate(units)}
+        for i, k in enumerate(self._keys):
+            arrays[f"norm_{i}"] = self._norm[k].numpy()
+            if k in self._grad:
+                arrays[f"grad_{i}"] = _np(self._grad[k])
+            if k in self._state:
+                arrays[f"state_{i}"] = _np(self._state[k])
+                arrays[f"prev_{i}"] = _np(self._prev[k])
+        for u, i in uid.items():
+            arrays[f"mask_{i}"] = self._mask[u].numpy()
+            if u in self._inputs:
+                arrays[f"inputs_{i}"] = _np(self._inputs[u])
+            for name, p in self._params.get(u, {}).items():
+                arrays[f"param_{i}_{name}"] = _np(p)
+        meta = {
+            "kind": "trace",
+            "schema_version": _io.SCHEMA_VERSION,
+            "keep": self.keep,
+            "meta": _jsonable(self.meta),
+            "keys": [_key_cols(k) for k in self._keys],
+            "units": [
+                {"unit": list(u), "cell": self._cells[u].to_json(), "params": sorted(self._params.get(u, {}))}
+                for u in units
+            ],
+        }
+        _io.write_npz(path / "arrays.npz", arrays)
+        _io.write_csv(path / "norms.csv", self.to_frame())
+        _io.write_json(path / "trace.json", meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        """Read a directory written by :meth:`save` (no unpickling)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise TraceError(f"{path}: not a trace directory")
+        meta = _io.read_json(path / "trace.json")
+        _io.check_schema(path / "trace.json", meta, "trace")
+        arrays = _io.read_npz(path / "arrays.npz")
+        tr = cls(keep=meta["keep"], meta=meta.get("meta", {}))
+        for i, u in enumerate(meta["units"]):
+            unit = tuple(u["unit"])
+            unit = (str(unit[0]), int(unit[1]), int(unit[2]), int(unit[3]))
+            params = {n: torch.from_numpy(arrays[f"param_{i}_{n}"]) for n in u["params"]}
+            tr._cells[unit] = CellInfo.from_json(u["cell"])
+            tr._mask[unit] = torch.from_numpy(arrays[f"mask_{i}"])
+            if f"inputs_{i}" in arrays:
+                tr._inputs[unit] = torch.from_numpy(arrays[f"inputs_{i}"])
+            if params:
+                tr._params[unit] = params
+        for i, kd in enumerate(meta["keys"]):
+            k = StateKey(kd["module"], kd["layer"], kd["direction"], kd["state"], kd["call"])
+            tr._keys.append(k)
+            tr._norm[k] = torch.from_numpy(arrays[f"norm_{i}"])
+            if f"grad_{i}" in arrays:
+                tr._grad[k] = torch.from_numpy(arrays[f"grad_{i}"])
+            if f"state_{i}" in arrays:
+                tr._state[k] = torch.from_numpy(arrays[f"state_{i}"])
+                tr._prev[k] = torch.from_numpy(arrays[f"prev_{i}"])
+        return tr
+
+
+def _key_cols(k: StateKey) -> dict:
+    return {"module": k.module, "layer": k.layer, "direction": k.direction, "state": k.state, "call": k.call}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def _jsonable(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def merge_keys(traces: Iterable[Trace]) -> list[StateKey]:
+    """Keys present in any of the traces, in first-seen order."""
+    return list(dict.fromkeys(k for t in traces for k in t.keys()))
