@@ -145,9 +145,12 @@ class Trace:
         self._cells: dict[tuple, CellInfo] = {}
         self._params: dict[tuple, dict[str, torch.Tensor]] = {}
         self._modules: dict[tuple, torch.nn.Module] = {}  # live modules of custom cells (not saved)
+        self._steps: dict[tuple, Any] = {}  # live step functions of custom cells (not saved)
 
     # ------------------------------------------------------------------ building (used by recording)
-    def _add_unit(self, unit: tuple, cell: CellInfo, mask: torch.Tensor, *, inputs=None, params=None, module=None):
+    def _add_unit(
+        self, unit: tuple, cell: CellInfo, mask: torch.Tensor, *, inputs=None, params=None, module=None, step=None
+    ):
         self._cells[unit] = cell
         self._mask[unit] = mask.detach().to("cpu", torch.bool)
         if inputs is not None:
@@ -156,6 +159,8 @@ class Trace:
             self._params[unit] = {k: v.detach().cpu().clone() for k, v in params.items()}
         if module is not None:
             self._modules[unit] = module
+        if step is not None:
+            self._steps[unit] = step
 
     def _add_state(self, key: StateKey, grad: torch.Tensor, *, state=None, prev=None):
         """``grad`` [T, B, H] (any device/dtype, NaN where masked). Norms are taken in float64."""
@@ -260,6 +265,12 @@ class Trace:
     def module(self, key) -> torch.nn.Module | None:
         """The live module of a custom cell (None after load or for built-in cells)."""
         return self._modules.get(self._check(key).unit)
+
+    def step_function(self, key):
+        """For a registered custom cell recorded in this process: ``f(x_t [B, F], states) -> states``
+        where ``states`` is a tuple of [B, S_i] tensors in ``cell(key).states`` order; differentiable
+        (usable with torch.func). None for built-in cells and for traces loaded from disk."""
+        return self._steps.get(self._check(key).unit)
 
     # ------------------------------------------------------------------ findings
     def nonfinite(self):
