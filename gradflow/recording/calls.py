@@ -1,0 +1,82 @@
+"""Per-forward-call bookkeeping shared by the adapters.
+
+A *call* is what one forward invocation produced: for a fused module, every unit (layer ×
+direction) over the whole sequence; for a cell, one timestep. Tensor hooks registered on the state
+tensors store the gradient they receive into the call's slots and tell the recorder the call was
+reached by the running backward pass. The recorder turns the reached calls into a Trace when the
+backward pass ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..trace import CellInfo
+
+
+@dataclass
+class UnitRecord:
+    """One recurrence of a fused call: slots[state][t] receives dL/ds_t from a tensor hook.
+
+    Tensors are in the unroll's batch order (sorted for PackedSequence); ``order`` maps them back
+    to the caller's order (None = identity). ``states``/``prev``/``inputs`` are filled for
+    keep='states' only; ``mask`` is [T, B] bool (None = all valid)."""
+
+    unit: tuple
+    cell: CellInfo
+    T: int
+    slots: dict[str, list] = field(default_factory=dict)
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+    prev: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: torch.Tensor | None = None
+    params: dict[str, torch.Tensor] | None = None
+    mask: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    shapes: dict[str, tuple] = field(default_factory=dict)  # state -> (B, S)
+
+    def __post_init__(self):
+        for s in self.cell.states:
+            self.slots.setdefault(s, [None] * self.T)
+
+
+@dataclass
+class FusedCall:
+    """All units of one forward call of a fused nn.RNN/LSTM/GRU."""
+
+    path: str
+    call: int
+    units: list[UnitRecord]
+    handles: list = field(default_factory=list)
+
+
+@dataclass
+class CellCall:
+    """One timestep of a cell module called in a Python loop."""
+
+    path: str
+    t: int
+    cell: CellInfo
+    slots: dict[str, Any]
+    shapes: dict[str, tuple]
+    states: dict[str, torch.Tensor] | None = None
+    prev: dict[str, torch.Tensor] | None = None
+    inputs: torch.Tensor | None = None
+    module: torch.nn.Module | None = None
+    step: Callable | None = None
+    handles: list = field(default_factory=list)
+
+
+def store_hook(recorder, call, slots, index) -> Callable:
+    """A tensor hook that stores the incoming gradient in ``slots[index]`` (no compute on the hot
+    path) and marks ``call`` as reached by the current backward pass."""
+
+    def hook(grad: torch.Tensor):
+        if recorder._active:
+            slots[index] = grad
+            recorder._reached(call)
+        return None
+
+    return hook

@@ -1,0 +1,338 @@
+"""``record()``: the context manager that owns every hook gradflow registers.
+
+Attaching replaces the ``forward`` of each fused nn.RNN/LSTM/GRU *on the instance* by a
+weight-sharing unroll (``fused.unrolled_forward``) and registers a forward hook on each cell module;
+both are removed in ``finally`` on exit, even when the forward or backward raised. Tensor hooks
+live on the autograd graph built inside the context; they do nothing once the recorder is closed
+and the handles still pending are removed on exit.
+
+A trace is produced per backward pass: the first tensor hook reached by a backward pass queues a
+callback on the autograd engine that runs when that pass ends and assembles a :class:`Trace` from
+every call the pass reached. A trace covers the forward calls since the previous backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import GradflowError, NoRecurrentModuleError, TraceError, UnsupportedModuleError
+from ..trace import StateKey, Trace
+from . import cells as _cells
+from . import fused as _fused
+from .calls import CellCall, FusedCall
+
+KEEPS = ("norms", "full", "states")
+
+
+def find_recurrent(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Every module gradflow can record: (dotted path, module, adapter) with adapter in
+    ``fused | cell | custom``."""
+    found = []
+    for path, m in model.named_modules():
+        if isinstance(m, _fused.FUSED_TYPES):
+            found.append((path, m, "fused"))
+        elif _cells.custom_spec(m) is not None:
+            found.append((path, m, "custom"))
+        elif isinstance(m, _cells.BUILTIN_CELLS):
+            found.append((path, m, "cell"))
+    return found
+
+
+class Recorder:
+    """Returned by :func:`record`. ``traces``: one :class:`Trace` per backward pass made inside the
+    context; ``trace``: the latest."""
+
+    def __init__(self, model: nn.Module, keep: str = "norms", modules=None, callback: Callable | None = None,
+                 keep_traces: bool = True):
+        if not isinstance(model, nn.Module):
+            raise GradflowError(f"record() needs a torch.nn.Module, got {type(model).__name__}")
+        if keep not in KEEPS:
+            raise GradflowError(f"record(keep={keep!r}): keep must be one of {', '.join(KEEPS)}")
+        self.model = model
+        self.keep = keep
+        self.callback = callback
+        self.keep_traces = keep_traces
+        self.traces: list[Trace] = []
+        self._targets = self._select(model, modules)
+        self._active = False
+        self._handles: list = []
+        self._patched: list[nn.Module] = []
+        self._reset_pass()
+        self._steps: dict[str, int] = defaultdict(int)
+        self._calls: dict[str, int] = defaultdict(int)
+        self._pending: list = []
+
+    # ------------------------------------------------------------------ selection
+    @staticmethod
+    def _select(model, modules):
+        found = find_recurrent(model)
+        if modules is None:
+            if not found:
+                raise NoRecurrentModuleError(
+                    f"model {type(model).__name__} has no recurrent module gradflow can record "
+                    "(nn.RNN/LSTM/GRU, nn.RNNCell/LSTMCell/GRUCell, or a cell registered with gradflow.register_cell)"
+                )
+            return found
+        by_path = {p: (p, m, a) for p, m, a in found}
+        by_id = {id(m): (p, m, a) for p, m, a in found}
+        names = dict(model.named_modules())
+        out = []
+        for sel in [modules] if isinstance(modules, (str, nn.Module)) else list(modules):
+            if isinstance(sel, str):
+                if sel in by_path:
+                    out.append(by_path[sel])
+                elif sel in names:
+                    raise UnsupportedModuleError(
+                        f"module '{sel}' ({type(names[sel]).__name__}) is not a recurrent module gradflow can "
+                        "record; register it with gradflow.register_cell if it is a cell"
+                    )
+                else:
+                    raise GradflowError(f"record(modules=...): no module '{sel}' in the model{_cells.nearest(sel, names)}")
+            elif isinstance(sel, nn.Module):
+                if id(sel) in by_id:
+                    out.append(by_id[id(sel)])
+                else:
+                    path = next((p for p, m in names.items() if m is sel), None)
+                    what = f"module '{path}'" if path is not None else "the given module (not part of the model)"
+                    raise UnsupportedModuleError(
+                        f"{what} ({type(sel).__name__}) is not a recurrent module gradflow can record"
+                    )
+            else:
+                raise GradflowError(f"record(modules=...): expected module paths or modules, got {type(sel).__name__}")
+        return out
+
+    # ------------------------------------------------------------------ attach / detach
+    def __enter__(self) -> "Recorder":
+        try:
+            for path, m, adapter in self._targets:
+                if adapter == "fused":
+                    _fused.check_supported(path, m)
+                    if "forward" in m.__dict__:
+                        raise UnsupportedModuleError(
+                            f"module '{path}' already has an instance forward (is it being recorded by another "
+                            "gradflow.record?)"
+                        )
+                    orig = type(m).forward.__get__(m)
+                    m.forward = functools.partial(self._fused_forward, path, m, orig)
+                    self._patched.append(m)
+                else:
+                    if adapter == "cell":
+                        _cells.check_cell_supported(path, m)
+                        spec = _cells.builtin_spec(m)
+                    else:
+                        spec = _cells.custom_spec(m)
+                    h = m.register_forward_hook(_cells.make_forward_hook(self, path, m, spec), with_kwargs=True)
+                    self._handles.append(h)
+            self._active = True
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        self._active = False
+        for m in self._patched:
+            m.__dict__.pop("forward", None)
+        self._patched.clear()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for call in self._pending:
+            for h in getattr(call, "handles", ()):
+                h.remove()
+        self._pending.clear()
+
+    def _fused_forward(self, path, module, orig, input, hx=None):
+        if not self._active or not torch.is_grad_enabled():
+            return orig(input, hx)
+        return _fused.unrolled_forward(self, path, module, input, hx)
+
+    # ------------------------------------------------------------------ bookkeeping (hot path)
+    def _reset_pass(self) -> None:
+        self._reached_calls: dict[int, object] = {}
+        self._queued = False
+
+    def _next_step(self, path: str) -> int:
+        t = self._steps[path]
+        self._steps[path] = t + 1
+        return t
+
+    def _next_call(self, path: str) -> int:
+        c = self._calls[path]
+        self._calls[path] = c + 1
+        return c
+
+    def _register_call(self, call: FusedCall) -> None:
+        self._pending.append(call)
+
+    def _register_cell_call(self, call: CellCall) -> None:
+        self._pending.append(call)
+
+    def _reached(self, call) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_pass)
+        self._reached_calls[id(call)] = call
+
+    # ------------------------------------------------------------------ end of a backward pass
+    def _finish_pass(self) -> None:
+        reached = list(self._reached_calls.values())
+        pending = self._pending
+        self._reset_pass()
+        self._steps.clear()
+        self._calls.clear()
+        self._pending = []
+        if not self._active or not reached:
+            return
+        cell_paths = {c.path for c in reached if isinstance(c, CellCall)}
+        seen = {id(c) for c in reached}
+        calls = reached + [c for c in pending if isinstance(c, CellCall) and c.path in cell_paths and id(c) not in seen]
+        trace = _assemble(calls, self.keep, meta={"pass": len(self.traces)})
+        if self.keep_traces:
+            self.traces.append(trace)
+        if self.callback is not None:
+            self.callback(trace)
+
+    @property
+    def trace(self) -> Trace:
+        if not self.traces:
+            raise TraceError(
+                "no backward pass has been recorded yet: call loss.backward() inside `with gradflow.record(model)`"
+            )
+        return self.traces[-1]
+
+
+def record(model: nn.Module, keep: str = "norms", modules: Iterable | str | nn.Module | None = None, *,
+           callback: Callable[[Trace], None] | None = None, keep_traces: bool = True) -> Recorder:
+    """Record the total gradient dL/ds_t of every recurrent state at every timestep.
+
+    ``with gradflow.record(model, keep="full") as rec: loss.backward()`` then ``rec.trace.grad(key)``
+    is a [T, B, H] CPU tensor (time-major) of dL/ds_t, t the input position for both directions.
+
+    keep: ``"norms"`` (only [T, B] norms survive the step), ``"full"`` (gradients too) or
+    ``"states"`` (also inputs, states and parameters for the Jacobian analysis).
+    modules: restrict to these module paths/modules (default: every recurrent module found).
+    callback: called with each Trace as its backward pass ends; keep_traces=False then keeps none.
+    Fused modules run as a weight-sharing unroll inside the context (same Parameters); outside it,
+    and under ``torch.no_grad()``, they run their fused kernel.
+    """
+    return Recorder(model, keep=keep, modules=modules, callback=callback, keep_traces=keep_traces)
+
+
+# ---------------------------------------------------------------------- assembling a Trace
+def _stack_slots(slots, shape, like_dtype, device) -> torch.Tensor:
+    zero = None
+    out = []
+    for g in slots:
+        if g is None:
+            if zero is None:
+                zero = torch.zeros(shape, dtype=like_dtype, device=device)
+            out.append(zero)
+        else:
+            out.append(g)
+    return torch.stack(out)
+
+
+def _assemble(calls: list, keep: str, meta: dict) -> Trace:
+    trace = Trace(keep=keep, meta=meta)
+    fused = sorted((c for c in calls if isinstance(c, FusedCall)), key=lambda c: (c.path, c.call))
+    # number the calls of each fused module among those this backward pass reached
+    seen: dict[str, int] = defaultdict(int)
+    for c in fused:
+        idx = seen[c.path]
+        seen[c.path] = idx + 1
+        for rec in c.units:
+            rec.unit = rec.unit[:3] + (idx,)
+    cell_calls: dict[str, list[CellCall]] = defaultdict(list)
+    for c in calls:
+        if isinstance(c, CellCall):
+            cell_calls[c.path].append(c)
+    for call in fused:
+        for rec in call.units:
+            _add_fused_unit(trace, rec, keep)
+    for path, steps in sorted(cell_calls.items()):
+        _add_cell_unit(trace, path, sorted(steps, key=lambda c: c.t), keep)
+    order = {p: i for i, p in enumerate(dict.fromkeys([c.path for c in fused] + sorted(cell_calls)))}
+    trace._keys.sort(key=lambda k: (order.get(k.module, 0), k.call, k.layer, k.direction, k.state != "h"))
+    return trace
+
+
+def _dtype_device(slots, fallback):
+    for g in slots:
+        if g is not None:
+            return g.dtype, g.device
+    return fallback
+
+
+def _add_fused_unit(trace: Trace, rec, keep: str) -> None:
+    T = rec.T
+    B = rec.shapes["h"][0]
+    mask = rec.mask if rec.mask is not None else torch.ones(T, B, dtype=torch.bool)
+    order = rec.order
+
+    def reorder(x):
+        return x if order is None else x.index_select(1, order.to(x.device))
+
+    params = None
+    if keep == "states":
+        params = rec.params
+    trace._add_unit(rec.unit, rec.cell, reorder(mask), inputs=None if rec.inputs is None else reorder(rec.inputs),
+                    params=params)
+    fallback = (torch.float32, torch.device("cpu"))
+    if rec.states:
+        s0 = next(iter(rec.states.values()))
+        fallback = (s0.dtype, s0.device)
+    for name in rec.cell.states:
+        slots = rec.slots[name]
+        dtype, device = _dtype_device(slots, fallback)
+        g = _stack_slots(slots, rec.shapes[name], dtype, device)
+        if rec.mask is not None:
+            g = g.masked_fill(~rec.mask.to(g.device).unsqueeze(-1), float("nan"))
+        key = StateKey(rec.unit[0], rec.unit[1], rec.unit[2], name, rec.unit[3])
+        kw = {}
+        if keep == "states":
+            kw = {"state": reorder(rec.states[name]), "prev": reorder(rec.prev[name])}
+        trace._add_state(key, reorder(g), **kw)
+
+
+def _add_cell_unit(trace: Trace, path: str, steps: list[CellCall], keep: str) -> None:
+    """``steps``: every call of the cell since the previous backward pass, in call order (t = 0..T-1);
+    calls this pass did not reach carry zero gradient."""
+    first = steps[0]
+    shapes = {tuple(s.shapes[first.cell.states[0]]) for s in steps}
+    if len(shapes) > 1:
+        raise GradflowError(
+            f"module '{path}': cell called with different state shapes {sorted(shapes)} within one backward pass; "
+            "gradflow records a cell loop with a fixed batch size"
+        )
+    T = len(steps)
+    B = next(iter(shapes))[0]
+    unit = (path, 0, 0, 0)
+    states_kept = keep == "states"
+    inputs = params = None
+    if states_kept:
+        if all(s.inputs is not None for s in steps):
+            inputs = torch.stack([s.inputs for s in steps])
+        if first.cell.source == "cell":
+            params = _cells.builtin_params(first.module)
+    custom = first.cell.source == "custom"
+    trace._add_unit(unit, first.cell, torch.ones(T, B, dtype=torch.bool), inputs=inputs, params=params,
+                    module=first.module if custom else None, step=first.step if custom else None)
+    for name in first.cell.states:
+        shape = (B, first.shapes[name][-1])
+        slots = [s.slots.get(name) for s in steps]
+        dtype, device = _dtype_device(slots, (torch.float32, torch.device("cpu")))
+        g = _stack_slots([x.reshape(shape) if x is not None else None for x in slots], shape, dtype, device)
+        kw = {}
+        if states_kept:
+            kw = {"state": torch.stack([s.states[name] for s in steps]),
+                  "prev": torch.stack([s.prev[name] for s in steps])}
+        trace._add_state(StateKey(path, 0, 0, name, 0), g, **kw)

@@ -1,0 +1,235 @@
+"""Recorded δ_t on fused nn.RNN/LSTM/GRU against an independent per-sequence unroll (tests/reference.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import gradflow
+from gradflow.trace import StateKey
+from tests.reference import reference_fused
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kind: str = "lstm"  # rnn_tanh rnn_relu lstm gru
+    layers: int = 1
+    bidirectional: bool = False
+    batch_first: bool = False
+    bias: bool = True
+    proj: int = 0
+    hx: bool = False
+    packed: bool = False
+    enforce_sorted: bool = False
+    dtype: torch.dtype = torch.float64
+    last_only: bool = False
+    T: int = 5
+    B: int = 3
+    F: int = 3
+    H: int = 4
+    seed: int = 0
+
+
+def build(case: Case) -> nn.Module:
+    torch.manual_seed(case.seed)
+    kw = dict(num_layers=case.layers, bidirectional=case.bidirectional, batch_first=case.batch_first, bias=case.bias)
+    if case.kind == "lstm":
+        m = nn.LSTM(case.F, case.H, proj_size=case.proj, **kw)
+    elif case.kind == "gru":
+        m = nn.GRU(case.F, case.H, **kw)
+    else:
+        m = nn.RNN(case.F, case.H, nonlinearity=case.kind.split("_")[1], **kw)
+    for p in m.parameters():  # larger weights than the default, so gradients differ visibly across t
+        nn.init.uniform_(p, -0.8, 0.8)
+    return m.to(case.dtype)
+
+
+def run_case(case: Case):
+    m = build(case)
+    g = torch.Generator().manual_seed(case.seed + 1)
+    D = 2 if case.bidirectional else 1
+    L, T, B = case.layers, case.T, case.B
+    Hout = case.proj or case.H
+    dt = case.dtype
+    x = torch.randn(T, B, case.F, generator=g, dtype=dt)
+    if case.packed:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[0] = T
+        if case.enforce_sorted:
+            lengths = lengths.sort(descending=True).values
+    else:
+        lengths = torch.full((B,), T)
+    valid = torch.arange(T)[:, None] < lengths[None, :]
+    x = x * valid[..., None]
+    h0 = torch.randn(L * D, B, Hout, generator=g, dtype=dt) if case.hx else torch.zeros(L * D, B, Hout, dtype=dt)
+    c0 = torch.randn(L * D, B, case.H, generator=g, dtype=dt) if case.hx else torch.zeros(L * D, B, case.H, dtype=dt)
+    w_out = torch.randn(T, B, D * Hout, generator=g, dtype=dt)
+    if case.last_only:
+        w_out = torch.zeros_like(w_out)
+        w_out[-1] = torch.randn(B, D * Hout, generator=g, dtype=dt)
+    w_h = torch.randn(L * D, B, Hout, generator=g, dtype=dt) * (0 if case.last_only else 1)
+    w_c = torch.randn(L * D, B, case.H, generator=g, dtype=dt) * (0 if case.last_only else 1)
+
+    def forward():
+        inp = x.transpose(0, 1) if case.batch_first else x
+        if case.packed:
+            inp = pack_padded_sequence(inp, lengths, batch_first=case.batch_first, enforce_sorted=case.enforce_sorted)
+        hx = None
+        if case.hx:
+            hx = (h0, c0) if case.kind == "lstm" else h0
+        out, hn = m(inp, hx)
+        if case.packed:
+            out, _ = pad_packed_sequence(out, batch_first=case.batch_first, total_length=T)
+        if case.batch_first:
+            out = out.transpose(0, 1)
+        h_n, c_n = hn if case.kind == "lstm" else (hn, None)
+        loss = (w_out * out * valid[..., None]).sum() + (w_h * h_n).sum()
+        if c_n is not None:
+            loss = loss + (w_c * c_n).sum()
+        return out, hn, loss
+
+    # fused path, outside record
+    m.zero_grad()
+    out_f, hn_f, loss_f = forward()
+    loss_f.backward()
+    pgrads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    with gradflow.record(m, keep="full") as rec:
+        out_r, hn_r, loss_r = forward()
+        loss_r.backward()
+    ref_loss, ref = reference_fused(m, x, lengths, h0, c0, w_out, w_h, w_c)
+    return m, rec, dict(out=(out_f, out_r), hn=(hn_f, hn_r), loss=(loss_f, loss_r, ref_loss), pgrads=pgrads, ref=ref,
+                        valid=valid)
+
+
+def tolerance(case):
+    return dict(rtol=1e-10, atol=1e-12) if case.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+
+
+def check_case(case: Case):
+    m, rec, r = run_case(case)
+    tol = tolerance(case)
+    out_f, out_r = r["out"]
+    torch.testing.assert_close(out_r, out_f, **tol)
+    for a, b in zip(torch.utils._pytree.tree_leaves(r["hn"][0]), torch.utils._pytree.tree_leaves(r["hn"][1])):
+        torch.testing.assert_close(b, a, **tol)
+    torch.testing.assert_close(r["loss"][1], r["loss"][2].to(r["loss"][1].dtype), **tol)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, r["pgrads"][n], **tol, msg=f"parameter grad {n}")
+    tr = rec.trace
+    D = 2 if case.bidirectional else 1
+    expected_keys = [
+        StateKey("", layer, d, s) for layer in range(case.layers) for d in range(D)
+        for s in (("h", "c") if case.kind == "lstm" else ("h",))
+    ]
+    assert tr.keys() == expected_keys
+    for (layer, d, s), g_ref in r["ref"].items():
+        key = StateKey("", layer, d, s)
+        g = tr.grad(key)
+        assert g.shape == g_ref.shape, key
+        assert g.device.type == "cpu"
+        torch.testing.assert_close(tr.mask(key), r["valid"])
+        torch.testing.assert_close(g, g_ref.to(g.dtype), equal_nan=True, **tol, msg=f"δ for {key}")
+        n = tr.norm(key)
+        assert n.dtype == torch.float64 and n.shape == g.shape[:2]
+        assert torch.isnan(n[~r["valid"]]).all()
+
+
+CASES = [
+    Case(kind=k) for k in ("rnn_tanh", "rnn_relu", "lstm", "gru")
+] + [
+    Case(kind="lstm", proj=2),
+    Case(kind="lstm", proj=2, layers=2, bidirectional=True, hx=True),
+    Case(kind="gru", layers=3, bidirectional=True, batch_first=True),
+    Case(kind="rnn_tanh", layers=2, bias=False, hx=True),
+    Case(kind="lstm", layers=2, bidirectional=True, packed=True),
+    Case(kind="gru", packed=True, enforce_sorted=True, hx=True, batch_first=True),
+    Case(kind="rnn_relu", packed=True, bidirectional=True, layers=2, hx=True),
+    Case(kind="lstm", last_only=True, T=8),
+    Case(kind="lstm", dtype=torch.float32, layers=2, bidirectional=True, proj=3, hx=True),
+    Case(kind="gru", dtype=torch.float32, packed=True, layers=2),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(
+    f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c) if getattr(c, f.name) != f.default) or "default")
+def test_fused_matches_reference(case):
+    check_case(case)
+
+
+cases = st.builds(
+    Case,
+    kind=st.sampled_from(["rnn_tanh", "rnn_relu", "lstm", "gru"]),
+    layers=st.integers(1, 3),
+    bidirectional=st.booleans(),
+    batch_first=st.booleans(),
+    bias=st.booleans(),
+    proj=st.sampled_from([0, 0, 2]),
+    hx=st.booleans(),
+    packed=st.booleans(),
+    enforce_sorted=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    last_only=st.booleans(),
+    T=st.integers(1, 6),
+    B=st.integers(1, 3),
+    F=st.integers(1, 3),
+    H=st.integers(3, 4),
+    seed=st.integers(0, 10_000),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases)
+def test_fused_property(case):
+    if case.kind != "lstm":
+        case = dataclasses.replace(case, proj=0)
+    check_case(case)
+
+
+def test_last_step_loss_direct_hook_is_zero_but_delta_is_not():
+    """The fact the toolkit rests on: an output hook gives only ∂L/∂out_t (0 for t<T-1)."""
+    m = build(Case(kind="lstm"))
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    seen = {}
+    with gradflow.record(m, keep="full") as rec:
+        out, _ = m(x)
+        out.register_hook(lambda g: seen.setdefault("direct", g.clone()))
+        out[-1].sum().backward()
+    assert torch.all(seen["direct"][:-1] == 0)
+    delta = rec.trace.grad("<root>/l0/d0/h")
+    assert torch.all(rec.trace.norm("<root>/l0/d0/h")[:-1] > 0)
+    torch.testing.assert_close(delta[-1], seen["direct"][-1])
+
+
+def test_unbatched_input():
+    m = build(Case(kind="gru"))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    out_f, h_f = m(x)
+    with gradflow.record(m, keep="full") as rec:
+        out, h = m(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, out_f)
+    torch.testing.assert_close(h, h_f)
+    assert rec.trace.grad("<root>/l0/d0/h").shape == (4, 1, 4)
+
+
+def test_dropout_train_mode_records_and_eval_matches():
+    torch.manual_seed(0)
+    m = nn.LSTM(3, 4, num_layers=2, dropout=0.5).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    m.eval()
+    ref, _ = m(x)
+    with gradflow.record(m) as rec:
+        out, _ = m(x)
+        torch.testing.assert_close(out, ref)
+        m.train()
+        out, _ = m(x)
+        out.sum().backward()
+    assert len(rec.trace.keys()) == 4
+    assert torch.isfinite(rec.trace.norm("<root>/l0/d0/h")).all()
