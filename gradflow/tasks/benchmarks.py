@@ -227,7 +227,7 @@ class TemporalOrder(Task):
             raise TaskError(f"temporal_order: bits must be 2 or 3, got {self.bits!r}")
         _positive_int(self.name, "T", self.T, 1)
         if any(hi <= lo for lo, hi in self.windows):
-            raise TaskError(f"temporal_order: T={self.T} is too short for its position windows (needs T >= 10)")
+            raise TaskError(f"temporal_order: T={self.T} is too short: a position window {self.windows} is empty")
 
     @property
     def windows(self) -> list[tuple[int, int]]:

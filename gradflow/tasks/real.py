@@ -304,8 +304,8 @@ class Stocks(Forecast):
     """Monthly stock prices 1990-01 – 2022-06 from matplotlib's ``Stocks.csv`` (Yahoo Finance;
     IBM, AAPL, MSFT, XRX, AMZN, DELL, GOOGL, ADBE, ^GSPC, ^IXIC), the last quote of each month.
     ``transform="log_return"`` (default: log(p_t/p_{t-1})) or ``"log_level"`` (log p_t), z-scored.
-    Series that start later (AMZN 1997, GOOGL 2004) begin at their first quote; a series with a gap
-    (DELL, private 2013–2018) is refused. Token classes (regimes of the first symbol): 0 bull, 1 bear
+    Series that start later (AMZN 1997, GOOGL 2004, DELL 2016) begin at the first month all chosen
+    symbols quote; a series with a gap after that is refused. Token classes (regimes of the first symbol): 0 bull, 1 bear
     (price >= 20% below its running peak) — the 2000–2002 and 2007–2009 bear markets among them.
     """
 
