@@ -1,2 +1,39 @@
-"""gradflow.report."""
-__all__: list[str] = []
+"""gradflow.report: figures, HTML and PDF reports from run and study directories.
+
+The only layer that imports matplotlib and seaborn. It never selects a matplotlib backend: figures
+are ``matplotlib.figure.Figure`` objects on an Agg canvas, created without pyplot, so importing it
+leaves an interactive user's backend and pyplot state untouched.
+
+Public API::
+
+    rs = load_runs(["runs/lstm", "studies/cells"])          # RunSet: metadata + concatenated tables
+    fig = fig_distance(rs.table("distance"), rs.table("decay"))
+    build_report(["studies/cells"], html="reports/cells/index.html", pdf="reports/cells/report.pdf")
+
+Every figure function is pure: tidy DataFrame(s) in (the tables of :mod:`gradflow.tables`), one
+``matplotlib.figure.Figure`` out.
+"""
+
+from __future__ import annotations
+
+from .build import build_report
+from .fig_gradients import fig_distance, fig_gradnorm_heatmap
+from .fig_jacobians import fig_products, fig_spectra
+from .fig_training import fig_clipping, fig_gates
+from .load import RunInfo, RunSet, StudyInfo, load_runs
+from .sections import plan
+
+__all__ = [
+    "build_report",
+    "load_runs",
+    "RunSet",
+    "RunInfo",
+    "StudyInfo",
+    "plan",
+    "fig_gradnorm_heatmap",
+    "fig_distance",
+    "fig_spectra",
+    "fig_products",
+    "fig_gates",
+    "fig_clipping",
+]

@@ -1,0 +1,235 @@
+"""Shared plotting plumbing: figures on the Agg canvas, the report theme, log10 axes, colours.
+
+Figures are created as ``matplotlib.figure.Figure`` objects with an Agg canvas attached, never
+through ``pyplot``: the process-wide backend is neither chosen nor changed, no figure is registered
+with pyplot's manager (nothing to close, nothing leaks), and a user's interactive session is left
+as it was. Styling is applied with ``rc_context`` around drawing and saving only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from typing import Iterable, Mapping, Sequence
+
+import matplotlib as mpl
+import numpy as np
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure, SubFigure
+from matplotlib.ticker import FuncFormatter, Locator, MaxNLocator, NullLocator
+
+from ..errors import GradflowError
+
+PAGE_WIDTH = 8.0  # inches: fits A4 / Letter with margins
+FLOAT32_TINY_LOG10 = math.log10(float(np.finfo(np.float32).tiny))  # smallest normal ~1.2e-38
+FLOAT32_SUBNORMAL_LOG10 = math.log10(float(np.finfo(np.float32).smallest_subnormal))  # ~1.4e-45
+UNDERFLOW_COLOR = "#bdbdbd"
+NONFINITE_COLOR = "#d62728"
+
+
+def theme() -> dict:
+    """The rc parameters every report figure is drawn with (seaborn 'whitegrid', paper sizes)."""
+    rc = {}
+    rc.update(sns.axes_style("whitegrid"))
+    rc.update(sns.plotting_context("paper", font_scale=1.05))
+    rc.update(
+        {
+            "axes.titlesize": 9.5,
+            "axes.labelsize": 9,
+            "legend.fontsize": 8,
+            "legend.title_fontsize": 8,
+            "xtick.labelsize": 8,
+            "ytick.labelsize": 8,
+            "figure.dpi": 100,
+            "savefig.dpi": 150,
+            "svg.fonttype": "path",
+            "pdf.fonttype": 42,
+            "axes.prop_cycle": mpl.cycler(color=sns.color_palette("colorblind")),
+        }
+    )
+    return rc
+
+
+@contextlib.contextmanager
+def styled():
+    with mpl.rc_context(theme()):
+        yield
+
+
+def new_figure(width: float, height: float, target=None):
+    """A fresh constrained-layout Figure of ``width × height`` inches on the Agg canvas.
+
+    ``target`` lets a caller supply the drawing surface instead: a callable ``(width, height) ->
+    Figure | SubFigure`` (the PDF writer uses it to put a figure under a page header), or a Figure /
+    SubFigure used as is.
+    """
+    if callable(target):
+        return target(width, height)
+    if target is not None:
+        return target
+    f = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(f)
+    return f
+
+
+def grid_shape(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+class Log10Locator(Locator):
+    """Ticks for an axis holding log10 values: at integers (powers of ten) over wide ranges, at
+    log10 of 1-2-5 multiples when the view spans less than about three decades."""
+
+    def __call__(self):
+        lo, hi = self.axis.get_view_interval()
+        return self.tick_values(lo, hi)
+
+    def tick_values(self, vmin, vmax):
+        lo, hi = sorted((float(vmin), float(vmax)))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return np.array([])
+        if hi - lo >= 2.5:
+            return MaxNLocator(nbins=7, integer=True, steps=[1, 2, 5, 10]).tick_values(lo, hi)
+        ticks = []
+        for k in range(math.floor(lo) - 1, math.ceil(hi) + 1):
+            for m in ((1, 2, 5) if hi - lo >= 0.7 else (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
+                v = k + math.log10(m)
+                if lo - 1e-9 <= v <= hi + 1e-9:
+                    ticks.append(v)
+        return np.array(ticks)
+
+
+def log10_axis(ax, which: str = "y") -> None:
+    """An axis whose data are log10 values, ticked and labelled as the values themselves."""
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_locator(Log10Locator())
+    axis.set_major_formatter(FuncFormatter(_pow10))
+    axis.set_minor_locator(NullLocator())
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def pow10_text(k: int) -> str:
+    """``10ᵏ`` with Unicode superscripts (plain text: no mathtext parsing, same look in SVG/PDF)."""
+    return "10" + str(int(k)).translate(_SUPERSCRIPT)
+
+
+def _pow10(v, _pos=None) -> str:
+    """Label for a tick at log10 value ``v``."""
+    if not math.isfinite(v):
+        return ""
+    k = int(round(v))
+    if abs(v - k) > 1e-6:
+        return f"{float(f'{10 ** v:.2g}'):g}"
+    if -2 <= k <= 3:
+        return f"{10 ** k:g}"
+    return pow10_text(k)
+
+
+def _value_label(x, _pos=None) -> str:
+    """Label for a tick at value ``x`` on a log-scaled axis."""
+    if not (math.isfinite(x) and x > 0):
+        return ""
+    return _pow10(math.log10(x))
+
+
+def log_scale(ax, which: str = "y") -> None:
+    """Log-scale an axis of positive values; ticks labelled 0.5, 1, 10, 10⁴ ... without mathtext.
+
+    Minor ticks get labels only when the view spans less than two decades (otherwise they crowd)."""
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    axis.set_major_formatter(FuncFormatter(_value_label))
+
+    def minor(x, _pos=None):
+        lo, hi = sorted(axis.get_view_interval())
+        if not (lo > 0 and math.log10(hi / lo) < 2 and x > 0):
+            return ""
+        m = round(x / 10 ** math.floor(math.log10(x)), 6)
+        return f"{x:g}" if m in (2, 3, 5) else ""
+
+    axis.set_minor_formatter(FuncFormatter(minor))
+
+
+def palette(labels: Sequence[str]) -> dict[str, tuple]:
+    """One colour per label, stable in the order given (colour-blind safe for up to 10)."""
+    labels = list(dict.fromkeys(labels))
+    base = sns.color_palette("colorblind", max(len(labels), 1)) if len(labels) <= 10 else sns.color_palette(
+        "husl", len(labels)
+    )
+    return {lab: base[i] for i, lab in enumerate(labels)}
+
+
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def key_styles(keys: Iterable[str]) -> dict[str, str]:
+    keys = list(dict.fromkeys(keys))
+    return {k: LINESTYLES[i % len(LINESTYLES)] for i, k in enumerate(keys)}
+
+
+def series_label(run: str, key: str, keys_of_run: Sequence[str]) -> str:
+    """``run`` when the run has one key in the table, else ``run · key``."""
+    return run if len(set(keys_of_run)) <= 1 else f"{run} · {key}"
+
+
+def require(df, name: str, columns: Sequence[str] = ()) -> None:
+    if df is None or len(df) == 0:
+        raise GradflowError(f"{name}: no rows to plot")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise GradflowError(f"{name}: missing column(s) {', '.join(missing)}")
+
+
+def ordered(values) -> list:
+    """Unique values in first-seen order."""
+    return list(dict.fromkeys(values))
+
+
+def savefig_bytes(fig: Figure, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    with styled():
+        fig.savefig(buf, format=fmt, metadata=_metadata(fmt))
+    return buf.getvalue()
+
+
+def _metadata(fmt: str):
+    if fmt == "svg":
+        return {"Date": None}
+    if fmt == "pdf":
+        return {"CreationDate": None}
+    if fmt == "png":
+        return {"Software": None}
+    return None
+
+
+def legend_below(fig_or_ax, handles, labels, ncol: int | None = None, title: str | None = None):
+    """Put a legend outside the plotting area (constrained layout keeps it clear of the axes)."""
+    if not handles:
+        return None
+    ncol = ncol or min(len(handles), 4)
+    return fig_or_ax.legend(handles, labels, loc="outside lower center", ncol=ncol, title=title, frameon=False)
+
+
+def rounded_range(values: np.ndarray) -> tuple[float, float] | None:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None
+    return float(v.min()), float(v.max())
+
+
+def span_decades(values) -> float:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return 0.0
+    return float(np.log10(v.max() / v.min()))
+
+
+def as_mapping(m: Mapping | None) -> Mapping:
+    return {} if m is None else m

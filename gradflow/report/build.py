@@ -1,0 +1,70 @@
+"""build_report: run/study directories -> one HTML page and/or one PDF, written atomically.
+
+Everything is rendered in memory first (HTML text, PDF bytes); only then are files written, each
+through a temporary file renamed into place. If writing the second file fails, the first one written
+by this call is removed again, so a failure never leaves a partial or half-matching report.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import _io
+from ..errors import GradflowError
+from .html import render_html
+from .load import RunSet, load_runs
+from .pdf import render_pdf
+from .sections import plan
+
+__all__ = ["build_report", "default_title"]
+
+
+def default_title(rs: RunSet) -> str:
+    if len(rs.studies) == 1 and len(rs.runs) == len(rs.studies[0].runs):
+        return f"gradflow report: {rs.studies[0].name}"
+    names = ", ".join(r.label for r in rs.runs[:4]) + (", …" if len(rs.runs) > 4 else "")
+    return f"gradflow report: {names}"
+
+
+def build_report(paths, html: str | os.PathLike | None = None, pdf: str | os.PathLike | None = None,
+                 title: str | None = None) -> dict[str, Path]:
+    """Read run and/or study directories and write the report.
+
+    ``paths``: run or study directories (one path or a list). ``html``/``pdf``: where to write the
+    page and the PDF (at least one). Returns ``{"html": Path, "pdf": Path}`` for what was written.
+    Raises GradflowError (one line) for bad inputs or when a file cannot be written; then no report
+    file from this call is left behind.
+    """
+    if html is None and pdf is None:
+        raise GradflowError("build_report: give html=PATH and/or pdf=PATH (nothing to write)")
+    rs = paths if isinstance(paths, RunSet) else load_runs(paths)
+    title = title or default_title(rs)
+    sections, omitted = plan(rs)
+    outputs: list[tuple[str, Path, bytes]] = []
+    if html is not None:
+        html = Path(html)
+        _check_target(html)
+        outputs.append(("html", html, render_html(rs, sections, omitted, title, html).encode("utf-8")))
+    if pdf is not None:
+        pdf = Path(pdf)
+        _check_target(pdf)
+        outputs.append(("pdf", pdf, render_pdf(rs, sections, omitted, title, pdf)))
+    written: dict[str, Path] = {}
+    try:
+        for kind, path, data in outputs:
+            _io.write_bytes(path, data)
+            written[kind] = path
+    except BaseException:
+        for path in written.values():
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        raise
+    return written
+
+
+def _check_target(path: Path) -> None:
+    if path.exists() and path.is_dir():
+        raise GradflowError(f"{path}: is a directory; give a file name for the report")

@@ -1,0 +1,217 @@
+"""Figures of the recurrent Jacobians: per-step singular values, products over distance, Lyapunov.
+
+Per-step Jacobian ``J_t = ∂s_t/∂s_{t-1}``; a singular value σ > 1 stretches a gradient along its
+direction, σ < 1 shrinks it. Products ``∂s_{t0+k}/∂s_{t0}`` show what k steps do together; the
+Lyapunov exponents are their asymptotic growth rates per step (natural log).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.lines import Line2D
+
+from ..errors import GradflowError
+from ._style import (
+    PAGE_WIDTH,
+    grid_shape,
+    log10_axis,
+    log_scale,
+    new_figure,
+    ordered,
+    palette,
+    require,
+    series_label,
+    span_decades,
+    styled,
+)
+
+__all__ = ["fig_spectra", "fig_products", "series_labels"]
+
+
+def series_labels(df: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(run, key) -> legend label: the run alone when it has a single key in ``df``."""
+    out = {}
+    for run in ordered(df["run"]):
+        keys = ordered(df.loc[df["run"] == run, "key"])
+        for key in keys:
+            out[(run, key)] = series_label(run, key, keys)
+    return out
+
+
+def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | None = None, *,
+                target: Callable | None = None):
+    """Singular values of the per-step Jacobians.
+
+    Top (from ``spectra``): distribution of σ pooled over t, batch and rank, one step-histogram per
+    run/key on a log σ axis (bins equal in log σ; heights are the fraction of that series' values),
+    dashed line at σ = 1. σ = 0 exactly cannot sit on a log axis: their count is written in the
+    legend. Bottom (from ``spectra_summary``): σ_max and spectral radius ρ per timestep (batch means),
+    reference at 1; log y axis when the values span more than a decade.
+    """
+    spectra = spectra if spectra is not None and len(spectra) else None
+    summ = spectra_summary if spectra_summary is not None and len(spectra_summary) else None
+    if spectra is None and summ is None:
+        raise GradflowError("spectra: no rows to plot (need spectra and/or spectra_summary)")
+    if spectra is not None:
+        require(spectra, "spectra", ("run", "key", "sigma"))
+    if summ is not None:
+        require(summ, "spectra_summary", ("run", "key", "t", "sigma_max", "spectral_radius"))
+    frames = [x for x in (spectra, summ) if x is not None]
+    both = pd.concat([x[["run", "key"]] for x in frames], ignore_index=True)
+    labels = series_labels(both)
+    colors = palette(list(labels.values()))
+    with styled():
+        h = (3.1 if spectra is not None else 0) + (2.7 if summ is not None else 0) + 0.8
+        f = new_figure(PAGE_WIDTH, h, target)
+        n_rows = (spectra is not None) + (summ is not None)
+        gs = f.add_gridspec(n_rows, 2, height_ratios=[1.15, 1][:n_rows] if n_rows == 2 else [1])
+        r = 0
+        notes: dict[str, str] = {}
+        if spectra is not None:
+            ax = f.add_subplot(gs[r, :])
+            r += 1
+            notes = _sigma_hist(ax, spectra, labels, colors)
+        if summ is not None:
+            ax1 = f.add_subplot(gs[r, 0])
+            ax2 = f.add_subplot(gs[r, 1], sharey=ax1)
+            for ax, col, name, sym in ((ax1, "sigma_max", r"largest singular value $\sigma_{max}$", r"$\sigma_{max}$"),
+                                       (ax2, "spectral_radius", r"spectral radius $\rho$ (max |eigenvalue|)", r"$\rho$")):
+                for (run, key), lab in labels.items():
+                    s = summ[(summ["run"] == run) & (summ["key"] == key)].sort_values("t")
+                    if s.empty:
+                        continue
+                    (ln,) = ax.plot(s["t"].to_numpy(float), s[col].to_numpy(float), color=colors[lab], lw=1.4,
+                                    label=lab)
+                    ln.set_gid(f"{col}|{run}|{key}")
+                ax.axhline(1.0, color="black", ls="--", lw=0.9)
+                ax.set_xlabel("timestep t")
+                ax.set_ylabel(f"{sym} (mean over batch)")
+                ax.set_title(name + r" of $\partial s_t/\partial s_{t-1}$", loc="left")
+            vals = summ[["sigma_max", "spectral_radius"]].to_numpy(float)
+            if span_decades(np.r_[vals.ravel(), 1.0]) > 1 and np.nanmin(vals) > 0:
+                log_scale(ax1, "y")
+            ax2.tick_params(labelleft=True)
+        hs = [Line2D([], [], color=colors[lab], lw=1.4) for lab in labels.values()]
+        ls = [f"{lab} ({notes[lab]})" if lab in notes else lab for lab in labels.values()]
+        hs.append(Line2D([], [], color="black", ls="--", lw=0.9))
+        ls.append("σ = 1 (neither grows nor shrinks)")
+        f.legend(hs, ls, loc="outside lower center", ncol=3 if len(hs) > 4 else len(hs), frameon=False)
+    return f
+
+
+def _sigma_hist(ax, spectra: pd.DataFrame, labels, colors) -> dict[str, str]:
+    """Draw the histograms; return label -> "x% > 1[; n σ = 0 not shown]" for the legend."""
+    sig = spectra["sigma"].to_numpy(float)
+    pos = sig[np.isfinite(sig) & (sig > 0)]
+    if pos.size == 0:
+        raise GradflowError("spectra: no positive finite singular value to plot")
+    lo, hi = np.log10(pos.min()), np.log10(pos.max())
+    if hi - lo < 0.2:
+        lo, hi = lo - 0.1, hi + 0.1
+    bins = np.linspace(lo, hi, 41)
+    notes = {}
+    for (run, key), lab in labels.items():
+        s = spectra[(spectra["run"] == run) & (spectra["key"] == key)]
+        if s.empty:
+            continue
+        v = s["sigma"].to_numpy(float)
+        ok = np.isfinite(v) & (v > 0)
+        sns.histplot(x=v[ok], bins=bins, log_scale=True, stat="probability", element="step", fill=False,
+                     color=colors[lab], ax=ax, linewidth=1.4)
+        ax.get_lines()[-1].set_gid(f"hist|{run}|{key}")
+        extra = []
+        if (~ok).sum():
+            nz, nn = int((v == 0).sum()), int((~np.isfinite(v)).sum())
+            if nz:
+                extra.append(f"{nz} σ = 0 not shown")
+            if nn:
+                extra.append(f"{nn} non-finite")
+        gt1 = float((v[np.isfinite(v)] > 1).mean()) if np.isfinite(v).any() else float("nan")
+        notes[lab] = f"{gt1:.0%} of σ > 1" + ("; " + "; ".join(extra) if extra else "")
+    ref = ax.axvline(1.0, color="black", ls="--", lw=0.9)
+    ref.set_gid("sigma=1")
+    ax.set_xlabel(r"singular value $\sigma$ of $\partial s_t/\partial s_{t-1}$ (log scale)")
+    log_scale(ax, "x")
+    ax.set_ylabel("fraction of values per bin")
+    ax.set_title("distribution of per-step Jacobian singular values (all t, batch items and ranks)", loc="left")
+    return notes
+
+
+
+def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | None = None, *,
+                 target: Callable | None = None):
+    """Singular values of Jacobian products against distance, and the Lyapunov spectrum.
+
+    Top (from ``products``): one panel per run/key, one line per rank i of ``log10 σ_i`` of
+    ``∂s_{t0+k}/∂s_{t0}`` against k (colour = rank, shared colour bar), dashed line at σ = 1.
+    Bottom (from ``lyapunov``): exponent λ_i (ln per step) against rank with ± stderr bars, one
+    line per run/key, dashed line at 0.
+    """
+    products = products if products is not None and len(products) else None
+    lyapunov = lyapunov if lyapunov is not None and len(lyapunov) else None
+    if products is None and lyapunov is None:
+        raise GradflowError("products: no rows to plot (need products and/or lyapunov)")
+    if products is not None:
+        require(products, "products", ("run", "key", "distance", "rank", "log10_sigma"))
+    if lyapunov is not None:
+        require(lyapunov, "lyapunov", ("run", "key", "rank", "exponent", "stderr"))
+    with styled():
+        panels = ordered(zip(products["run"], products["key"])) if products is not None else []
+        rows, cols = grid_shape(len(panels), 3) if panels else (0, 0)
+        h_top = 0.6 + 2.2 * rows if panels else 0
+        h_bot = 3.0 if lyapunov is not None else 0
+        f = new_figure(PAGE_WIDTH, h_top + h_bot + 0.3, target)
+        if panels and lyapunov is not None:
+            top, bot = f.subfigures(2, 1, height_ratios=[h_top, h_bot])
+        else:
+            top = bot = f
+        if panels:
+            ranks = np.sort(products["rank"].unique())
+            norm = Normalize(vmin=float(ranks.min()), vmax=float(max(ranks.max(), ranks.min() + 1)))
+            cmap = sns.color_palette("viridis", as_cmap=True)
+            axes = np.atleast_1d(top.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)).ravel()
+            for ax, (run, key) in zip(axes, panels):
+                s = products[(products["run"] == run) & (products["key"] == key)]
+                for rank in ordered(np.sort(s["rank"].unique())):
+                    sr = s[s["rank"] == rank].sort_values("distance")
+                    (ln,) = ax.plot(sr["distance"].to_numpy(float), sr["log10_sigma"].to_numpy(float),
+                                    color=cmap(norm(rank)), lw=1.0)
+                    ln.set_gid(f"product|{run}|{key}|{rank}")
+                ax.axhline(0.0, color="black", ls="--", lw=0.9)
+                ax.set_title(f"{run} — {key}", loc="left")
+                ax.set_xlabel("distance k (steps)")
+                if ax.get_subplotspec().is_first_col():
+                    ax.set_ylabel(r"$\sigma_i$ of $\partial s_{t_0+k}/\partial s_{t_0}$")
+                ax.tick_params(labelleft=True, labelbottom=True)
+                log10_axis(ax, "y")
+            for ax in axes[len(panels):]:
+                ax.remove()
+            cb = top.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[: len(panels)]), shrink=0.9,
+                              aspect=25, pad=0.02)
+            cb.set_label("rank i (0 = largest)" if ranks.min() == 0 else "rank i (1 = largest)")
+            cb.ax.yaxis.get_major_locator().set_params(integer=True)
+            top.suptitle("singular values of Jacobian products over k steps (dashed: σ = 1)", x=0.01,
+                         ha="left", fontsize=9.5)
+        if lyapunov is not None:
+            ax = bot.subplots()
+            labels = series_labels(lyapunov)
+            colors = palette(list(labels.values()))
+            for (run, key), lab in labels.items():
+                s = lyapunov[(lyapunov["run"] == run) & (lyapunov["key"] == key)].sort_values("rank")
+                eb = ax.errorbar(s["rank"].to_numpy(float), s["exponent"].to_numpy(float),
+                                 yerr=s["stderr"].to_numpy(float), color=colors[lab], marker="o", ms=3, lw=1.2,
+                                 capsize=2, label=lab)
+                eb.lines[0].set_gid(f"lyapunov|{run}|{key}")
+            ax.axhline(0.0, color="black", ls="--", lw=0.9, label="0 (neither grows nor shrinks)")
+            ax.set_xlabel("index i (exponents sorted, largest first)")
+            ax.set_ylabel("λ_i (ln per step)")
+            ax.set_title("Lyapunov spectrum (mean over batch ± standard error)", loc="left")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.legend(loc="best", fontsize=7.5, ncol=2 if len(labels) > 4 else 1)
+    return f

@@ -1,0 +1,226 @@
+"""Figures of training dynamics: gate activations over time, and gradient clipping.
+
+Clipping by global norm rescales every timestep's gradient by the same factor
+``min(1, threshold / ‖g‖)``: it caps an explosion but cannot restore a gradient that vanished.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.lines import Line2D
+
+from ..errors import GradflowError
+from ._style import (
+    NONFINITE_COLOR,
+    PAGE_WIDTH,
+    log10_axis,
+    log_scale,
+    new_figure,
+    ordered,
+    palette,
+    require,
+    span_decades,
+    styled,
+)
+from .fig_jacobians import series_labels
+
+__all__ = ["fig_gates", "fig_clipping", "GATE_NAMES", "clip_rates"]
+
+GATE_NAMES = {
+    "i": "input gate i", "f": "forget gate f", "g": "candidate g (tanh)", "o": "output gate o",
+    "r": "reset gate r", "z": "update gate z", "n": "candidate n (tanh)",
+}
+
+
+def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
+    """Gate activations against timestep: one row of panels per run/key, one panel per gate.
+
+    Line: mean over the batch (``mean``); band: ``q25..q75``. One colour per ``token_class``
+    (a single grey line when the task has no classes, i.e. only ``"all"``).
+    """
+    require(gates, "gates", ("run", "key", "gate", "t", "token_class", "mean", "q25", "q75"))
+    series = ordered(zip(gates["run"], gates["key"]))
+    labels = series_labels(gates)
+    classes = ordered(gates["token_class"])
+    split = classes != ["all"]
+    colors = dict(zip(classes, sns.color_palette("colorblind", len(classes)))) if split else {"all": (0.25,) * 3}
+    ncols = max(len(ordered(gates.loc[(gates["run"] == r) & (gates["key"] == k), "gate"])) for r, k in series)
+    with styled():
+        f = new_figure(PAGE_WIDTH, 0.7 + 2.0 * len(series), target)
+        axes = f.subplots(len(series), ncols, squeeze=False, sharex=True)
+        for i, (run, key) in enumerate(series):
+            s = gates[(gates["run"] == run) & (gates["key"] == key)]
+            gl = ordered(s["gate"])
+            for j in range(ncols):
+                ax = axes[i, j]
+                if j >= len(gl):
+                    ax.remove()
+                    continue
+                g = gl[j]
+                for cls in classes:
+                    sc = s[(s["gate"] == g) & (s["token_class"] == cls)].sort_values("t")
+                    if sc.empty:
+                        continue
+                    if sc["t"].duplicated().any():
+                        raise GradflowError(f"gates: duplicate t for run {run!r} key {key!r} gate {g!r} class {cls!r}")
+                    t = sc["t"].to_numpy(float)
+                    ax.fill_between(t, sc["q25"].to_numpy(float), sc["q75"].to_numpy(float), color=colors[cls],
+                                    alpha=0.2, linewidth=0)
+                    (ln,) = ax.plot(t, sc["mean"].to_numpy(float), color=colors[cls], lw=1.3, label=cls)
+                    ln.set_gid(f"gate|{run}|{key}|{g}|{cls}")
+                lo = float(np.nanmin(s["q25"])) if np.isfinite(s["q25"]).any() else 0.0
+                ax.set_ylim(-1.05 if lo < -0.02 else -0.02, 1.02)
+                ax.set_title(f"{labels[(run, key)]}: {GATE_NAMES.get(g, 'gate ' + g)}", loc="left", fontsize=8.5)
+                ax.set_xlabel("timestep t")
+                if j == 0:
+                    ax.set_ylabel("activation")
+                ax.tick_params(labelbottom=True)
+        hs = [Line2D([], [], color=colors[c], lw=1.3) for c in classes]
+        if split:
+            f.legend(hs, classes, loc="outside lower center", ncol=min(len(classes), 5), frameon=False,
+                     title="token class (line: mean over batch, band: 25–75%)")
+        else:
+            f.legend(hs, ["mean over batch (band: 25–75%)"], loc="outside lower center", frameon=False)
+    return f
+
+
+def clip_rates(metrics: pd.DataFrame) -> pd.Series:
+    """Fraction of training steps on which clipping fired, per run (first-seen order)."""
+    runs = ordered(metrics["run"])
+    return metrics.groupby("run", sort=False)["clipped"].mean().astype(float).reindex(runs)
+
+
+def fig_clipping(metrics: pd.DataFrame | None = None, clip_timesteps: pd.DataFrame | None = None, *,
+                 clip_text: Mapping[str, str] | None = None, diverged_at: Mapping[str, int] | None = None,
+                 target: Callable | None = None):
+    """Training loss, global gradient norm before/after clipping, clipping rate, per-timestep norms.
+
+    From ``metrics``: (a) loss per step, one line per run (log y when it spans > 1 decade); a red
+    cross at a run's ``diverged_at`` step and red ticks at the top where the loss is NaN/Inf;
+    (b) ``grad_norm_before`` (solid) and ``grad_norm_after`` (dashed), log y; (c) fraction of steps
+    with ``clipped`` true, per run. From ``clip_timesteps``: (d) log10 norm of the per-timestep
+    gradient before (solid) and after (dashed) clipping at the recorded step(s).
+    ``clip_text`` maps run -> e.g. "clip norm ≤ 1" for the legend.
+    """
+    metrics = metrics if metrics is not None and len(metrics) else None
+    ct = clip_timesteps if clip_timesteps is not None and len(clip_timesteps) else None
+    if metrics is None and ct is None:
+        raise GradflowError("clipping: no rows to plot (need metrics and/or clip_timesteps)")
+    if metrics is not None:
+        require(metrics, "metrics", ("run", "step", "loss", "grad_norm_before", "grad_norm_after", "clipped"))
+    if ct is not None:
+        require(ct, "clip_timesteps", ("run", "step", "key", "t", "when", "log10_norm"))
+        bad = sorted(set(ct["when"]) - {"before", "after"})
+        if bad:
+            raise GradflowError(f"clip_timesteps: column 'when' must be 'before' or 'after', not {bad[0]!r}")
+    clip_text = clip_text or {}
+    diverged_at = diverged_at or {}
+    runs = ordered(list(metrics["run"] if metrics is not None else []) + list(ct["run"] if ct is not None else []))
+    colors = palette(runs)
+    with styled():
+        n = (3 if metrics is not None else 0) + (1 if ct is not None else 0)
+        rows = 2 if n > 2 else 1
+        f = new_figure(PAGE_WIDTH, 0.9 + 2.8 * rows, target)
+        axes = list(np.atleast_1d(f.subplots(rows, 2 if n > 1 else 1, squeeze=False)).ravel())
+        if metrics is not None:
+            ax_loss, ax_norm, ax_rate = axes[0], axes[1], axes[2]
+            _loss(ax_loss, metrics, runs, colors, diverged_at)
+            _norms(ax_norm, metrics, runs, colors)
+            _rates(ax_rate, metrics, colors)
+        if ct is not None:
+            _timesteps(axes[n - 1], ct, colors)
+        for ax in axes[n:]:
+            ax.remove()
+        hs = [Line2D([], [], color=colors[r], lw=1.6) for r in runs]
+        ls = [f"{r} ({clip_text[r]})" if r in clip_text else r for r in runs]
+        hs += [Line2D([], [], color="0.3", lw=1.4), Line2D([], [], color="0.3", ls="--", lw=1.4)]
+        ls += ["before clipping", "after clipping"]
+        if diverged_at:
+            hs.append(Line2D([], [], color=NONFINITE_COLOR, marker="x", ls=""))
+            ls.append("diverged (red ticks at top: NaN/Inf)")
+        f.legend(hs, ls, loc="outside lower center", ncol=min(len(hs), 4), frameon=False)
+    return f
+
+
+def _loss(ax, m, runs, colors, diverged_at):
+    for r in runs:
+        s = m[m["run"] == r].sort_values("step")
+        if s.empty:
+            continue
+        x, y = s["step"].to_numpy(float), s["loss"].to_numpy(float)
+        (ln,) = ax.plot(x, y, color=colors[r], lw=1.3)
+        ln.set_gid(f"loss|{r}")
+        bad = ~np.isfinite(y)
+        if bad.any():
+            mk = ax.scatter(x[bad], np.full(bad.sum(), 0.98), marker="|", color=NONFINITE_COLOR, s=20,
+                            transform=ax.get_xaxis_transform(), clip_on=False)
+            mk.set_gid(f"loss_nonfinite|{r}")
+        if r in diverged_at:
+            ok = np.isfinite(y) & (x <= diverged_at[r])
+            yv = y[ok][-1] if ok.any() else np.nan
+            mk = ax.plot([diverged_at[r]], [yv], marker="x", ms=8, mew=2, color=NONFINITE_COLOR, ls="")[0]
+            mk.set_gid(f"diverged|{r}")
+    y = m["loss"].to_numpy(float)
+    if span_decades(y) > 1 and np.nanmin(np.where(np.isfinite(y), y, np.nan)) > 0:
+        log_scale(ax, "y")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss")
+    ax.set_title("(a) loss", loc="left")
+
+
+def _norms(ax, m, runs, colors):
+    for r in runs:
+        s = m[m["run"] == r].sort_values("step")
+        x = s["step"].to_numpy(float)
+        for col, ls in (("grad_norm_before", "-"), ("grad_norm_after", "--")):
+            y = s[col].to_numpy(float)
+            (ln,) = ax.plot(x, y, color=colors[r], ls=ls, lw=1.2)
+            ln.set_gid(f"{col}|{r}")
+            bad = ~np.isfinite(y)
+            if col == "grad_norm_before" and bad.any():
+                mk = ax.scatter(x[bad], np.full(bad.sum(), 0.98), marker="|", color=NONFINITE_COLOR, s=20,
+                                transform=ax.get_xaxis_transform(), clip_on=False)
+                mk.set_gid(f"norm_nonfinite|{r}")
+    v = m[["grad_norm_before", "grad_norm_after"]].to_numpy(float)
+    if (v[np.isfinite(v)] > 0).any():
+        log_scale(ax, "y")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("global gradient norm ‖g‖ (log scale)")
+    ax.set_title("(b) global norm before / after clipping", loc="left")
+
+
+def _rates(ax, m, colors):
+    rates = clip_rates(m)
+    y = np.arange(len(rates))
+    bars = ax.barh(y, rates.to_numpy(float) * 100, color=[colors[r] for r in rates.index], height=0.6)
+    for b, r in zip(bars, rates.index):
+        b.set_gid(f"clip_rate|{r}")
+    for yi, v in zip(y, rates.to_numpy(float)):
+        ax.text(v * 100 + 1.5, yi, f"{v:.0%}", va="center", fontsize=8)
+    ax.set_yticks(y, list(rates.index))
+    ax.invert_yaxis()
+    ax.set_xlim(0, 112)
+    ax.set_xlabel("steps on which clipping fired (%)")
+    ax.set_title("(c) how often clipping fired", loc="left")
+    ax.grid(axis="y", visible=False)
+
+
+def _timesteps(ax, ct, colors):
+    steps = ordered(ct["step"])
+    for (r, key, step), s in ct.groupby(["run", "key", "step"], sort=False):
+        for when, ls in (("before", "-"), ("after", "--")):
+            sw = s[s["when"] == when].sort_values("t")
+            if sw.empty:
+                continue
+            (ln,) = ax.plot(sw["t"].to_numpy(float), sw["log10_norm"].to_numpy(float), color=colors[r], ls=ls,
+                            lw=1.2)
+            ln.set_gid(f"clip_t|{r}|{key}|{step}|{when}")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("per-timestep gradient norm (log scale)")
+    log10_axis(ax, "y")
+    where = ", ".join(f"{s:g}" for s in steps[:4]) + ("…" if len(steps) > 4 else "")
+    ax.set_title(f"(d) per-timestep norm at step {where}", loc="left")

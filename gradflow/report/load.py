@@ -1,0 +1,314 @@
+"""Read run and study directories into one :class:`RunSet` (metadata + concatenated tables).
+
+A *run directory* holds ``run.json`` (``kind="run"``) and any of the CSV tables named in
+:data:`gradflow.tables.TABLES`; a *study directory* holds ``study.json`` (``kind="study"``) whose
+``runs`` list gives run directories relative to it. :func:`load_runs` accepts any mix of both, keeps
+the order given (a study's runs in the study's order), drops a run reached twice, and concatenates
+each table across runs. Every problem is one :class:`~gradflow.errors.GradflowError` naming the path.
+
+Run labels are the ``run`` column of every table. When two loaded runs share a label (the same run
+name in two studies), both are relabelled ``"<parent dir>/<label>"`` in their metadata and tables so
+a combined report keeps them apart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+from .. import _io
+from ..errors import GradflowError
+from ..tables import TABLES, check_columns
+
+__all__ = ["RunInfo", "StudyInfo", "RunSet", "load_runs", "STATUSES"]
+
+STATUSES = ("running", "finished", "diverged", "failed")
+
+# columns read as text whatever they look like (a token class "0" stays "0")
+_TEXT_COLUMNS = {"run", "key", "module", "state", "gate", "token_class", "when", "verdict", "detail"}
+_REQUIRED_TEXT = {"run", "key", "gate", "token_class", "when", "state"}
+# columns holding flags: accept bool, 0/1 and true/false spellings
+_BOOL_COLUMNS = {"clipped", "horizon_censored", "underflow"}
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """One study directory: its name, the claim it tests and the labels of its runs."""
+
+    path: Path
+    name: str
+    claim: str
+    runs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Metadata of one run directory (``run.json``) and which tables it holds."""
+
+    path: Path
+    name: str
+    label: str
+    status: str
+    diverged_at: int | None
+    task: Mapping[str, Any]
+    model: Mapping[str, Any]
+    clip: Mapping[str, Any]
+    meta: Mapping[str, Any]
+    spec: Mapping[str, Any]
+    study: str | None
+    tables: tuple[str, ...]
+
+    @property
+    def flagged(self) -> bool:
+        """True when the run did not finish normally (diverged, failed or still running)."""
+        return self.status != "finished"
+
+    @property
+    def clip_text(self) -> str:
+        mode = self.clip.get("mode")
+        if not mode or mode == "none":
+            return "no clipping"
+        thr = self.clip.get("threshold")
+        return f"clip {mode}" + (f" ≤ {thr:g}" if isinstance(thr, (int, float)) else "")
+
+
+@dataclass(frozen=True)
+class RunSet:
+    """Runs, studies and each table concatenated across runs (read-only mapping name -> frame).
+
+    Tables that no run holds are absent from ``tables``; :meth:`table` returns an empty frame with
+    the schema's columns for them.
+    """
+
+    runs: tuple[RunInfo, ...]
+    studies: tuple[StudyInfo, ...] = ()
+    tables: Mapping[str, pd.DataFrame] = field(default_factory=lambda: MappingProxyType({}))
+
+    def has(self, name: str) -> bool:
+        return name in self.tables and len(self.tables[name]) > 0
+
+    def table(self, name: str) -> pd.DataFrame:
+        if name not in TABLES:
+            raise GradflowError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+        if name in self.tables:
+            return self.tables[name]
+        return pd.DataFrame({c: [] for c in TABLES[name]})
+
+    def run(self, label: str) -> RunInfo:
+        for r in self.runs:
+            if r.label == label:
+                return r
+        raise GradflowError(f"no run labelled {label!r}; loaded: {', '.join(r.label for r in self.runs)}")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(r.label for r in self.runs)
+
+
+def load_runs(paths: Iterable[str | os.PathLike]) -> RunSet:
+    """Load run and/or study directories (``run.json`` / ``study.json``) into a :class:`RunSet`.
+
+    Raises GradflowError (one line, naming the path) for a missing directory, a directory with
+    neither file, a wrong ``kind``, an unsupported ``schema_version``, or a malformed table.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise GradflowError("no run or study directory given")
+    studies: list[StudyInfo] = []
+    found: list[tuple[Path, str | None]] = []  # (run dir, study name)
+    for p in paths:
+        if not p.exists():
+            raise GradflowError(f"{p}: no such directory")
+        if not p.is_dir():
+            raise GradflowError(f"{p}: not a directory (give a run or study directory)")
+        if (p / "study.json").exists():
+            st, run_dirs = _read_study(p)
+            studies.append(st)
+            found.extend((d, st.name) for d in run_dirs)
+        elif (p / "run.json").exists():
+            found.append((p, None))
+        else:
+            raise GradflowError(f"{p}: neither run.json nor study.json found (not a gradflow run or study)")
+
+    seen: set[Path] = set()
+    runs: list[tuple[dict, Path, str | None]] = []
+    for d, study in found:
+        key = d.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        runs.append((_read_run_json(d), d, study))
+
+    labels = [_label(meta) for meta, _, _ in runs]
+    relabel = _unique_labels(labels, [d for _, d, _ in runs])
+
+    infos: list[RunInfo] = []
+    per_table: dict[str, list[pd.DataFrame]] = {}
+    for (meta, d, study), old, new in zip(runs, labels, relabel):
+        present = []
+        for name in TABLES:
+            f = d / f"{name}.csv"
+            if not f.exists():
+                continue
+            df = read_table(f, name)
+            bad = sorted(set(df["run"].dropna().unique()) - {old})
+            if bad:
+                raise GradflowError(
+                    f"{f}: column 'run' holds {bad[0]!r} but {d / 'run.json'} labels the run {old!r}"
+                )
+            if new != old:
+                df["run"] = new
+            present.append(name)
+            if len(df):
+                per_table.setdefault(name, []).append(df)
+        infos.append(_run_info(meta, d, new, study, tuple(present)))
+
+    studies = [
+        StudyInfo(s.path, s.name, s.claim, tuple(relabel[i] for i, (_, _, st) in enumerate(runs) if st == s.name))
+        for s in studies
+    ]
+    tables = {n: pd.concat(fs, ignore_index=True) for n, fs in per_table.items()}
+    return RunSet(tuple(infos), tuple(studies), MappingProxyType(tables))
+
+
+def read_table(path: Path, name: str) -> pd.DataFrame:
+    """Read one CSV table, check its columns and types; errors name the file and column."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=True)
+    except FileNotFoundError:
+        raise GradflowError(f"{path}: file not found") from None
+    except pd.errors.EmptyDataError:
+        raise GradflowError(f"{path}: empty file (expected a CSV header with the {name!r} columns)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise GradflowError(f"{path}: malformed CSV ({msg})") from None
+    try:
+        check_columns(name, df.columns)
+    except GradflowError as exc:
+        raise GradflowError(f"{path}: {exc}") from None
+    for col in TABLES[name]:
+        if col in _TEXT_COLUMNS:
+            if col in _REQUIRED_TEXT and df[col].isna().any():
+                i = int(df[col].isna().to_numpy().nonzero()[0][0])
+                raise GradflowError(f"{path}: column {col!r} is empty in row {i + 2}")
+            df[col] = df[col].fillna("").astype(str)
+            continue
+        if col in _BOOL_COLUMNS:
+            df[col] = _to_bool(df[col], path, col)
+            continue
+        num = pd.to_numeric(df[col], errors="coerce")
+        bad = num.isna() & df[col].notna()
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise GradflowError(
+                f"{path}: column {col!r} must be numeric, row {i + 2} holds {df[col].iloc[i]!r}"
+            )
+        df[col] = num.astype(float) if num.dtype.kind not in "iu" else num
+    return df
+
+
+def _to_bool(s: pd.Series, path: Path, col: str) -> pd.Series:
+    if s.dtype == bool:
+        return s
+    m = {"true": True, "false": False, "1": True, "0": False, "1.0": True, "0.0": False}
+    out = s.astype(str).str.strip().str.lower().map(m)
+    bad = out.isna()
+    if bad.any():
+        i = int(bad.to_numpy().nonzero()[0][0])
+        raise GradflowError(f"{path}: column {col!r} must be true/false, row {i + 2} holds {s.iloc[i]!r}")
+    return out.astype(bool)
+
+
+def _read_study(p: Path) -> tuple[StudyInfo, list[Path]]:
+    f = p / "study.json"
+    meta = _io.read_json(f)
+    if not isinstance(meta, dict):
+        raise GradflowError(f"{f}: expected a JSON object")
+    _io.check_schema(f, meta, "study")
+    runs = meta.get("runs")
+    if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+        raise GradflowError(f"{f}: 'runs' must be a list of run directories relative to the study")
+    dirs = []
+    for r in runs:
+        d = p / r
+        if not (d / "run.json").exists():
+            raise GradflowError(f"{f}: listed run {r!r} has no run.json at {d}")
+        dirs.append(d)
+    name = str(meta.get("name") or p.name)
+    return StudyInfo(p, name, str(meta.get("claim") or ""), ()), dirs
+
+
+def _read_run_json(d: Path) -> dict:
+    f = d / "run.json"
+    meta = _io.read_json(f)
+    if not isinstance(meta, dict):
+        raise GradflowError(f"{f}: expected a JSON object")
+    _io.check_schema(f, meta, "run")
+    if not isinstance(meta.get("name"), str) or not meta["name"]:
+        raise GradflowError(f"{f}: 'name' must be a non-empty string")
+    status = meta.get("status")
+    if status not in STATUSES:
+        raise GradflowError(f"{f}: 'status' is {status!r}; expected one of {', '.join(STATUSES)}")
+    da = meta.get("diverged_at")
+    if da is not None and (isinstance(da, bool) or not isinstance(da, int)):
+        raise GradflowError(f"{f}: 'diverged_at' must be an integer step or null, not {da!r}")
+    for k in ("spec", "task", "model", "clip", "meta"):
+        if meta.get(k) is not None and not isinstance(meta[k], dict):
+            raise GradflowError(f"{f}: {k!r} must be a JSON object")
+    return meta
+
+
+def _label(meta: dict) -> str:
+    lab = meta.get("label")
+    return str(lab) if isinstance(lab, str) and lab else meta["name"]
+
+
+def _unique_labels(labels: list[str], dirs: list[Path]) -> list[str]:
+    out = list(labels)
+    dup = {lab for lab in labels if labels.count(lab) > 1}
+    for i, lab in enumerate(labels):
+        if lab in dup:
+            out[i] = f"{dirs[i].resolve().parent.name}/{lab}"
+    clash = {lab for lab in out if out.count(lab) > 1}
+    return [f"{lab} [{i + 1}]" if lab in clash else lab for i, lab in enumerate(out)]
+
+
+def _run_info(meta: dict, d: Path, label: str, study: str | None, tables: tuple[str, ...]) -> RunInfo:
+    def obj(k):
+        return MappingProxyType(dict(meta.get(k) or {}))
+
+    da = meta.get("diverged_at")
+    return RunInfo(
+        path=d,
+        name=meta["name"],
+        label=label,
+        status=meta["status"],
+        diverged_at=None if da is None else int(da),
+        task=obj("task"),
+        model=obj("model"),
+        clip=obj("clip"),
+        meta=obj("meta"),
+        spec=obj("spec"),
+        study=study,
+        tables=tables,
+    )
+
+
+def fmt_number(x: Any) -> str:
+    """Short human formatting for metadata cells."""
+    if isinstance(x, bool) or x is None:
+        return "—" if x is None else str(x).lower()
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return "—" if math.isnan(x) else f"{x:.4g}"
+    return str(x)

@@ -1,0 +1,333 @@
+"""What a report contains: the sections, the tables each needs, how to read each figure.
+
+:func:`plan` turns a :class:`RunSet` into the sections that have data (each with a plain-language
+explanation, notes on what is missing or flagged, a figure-drawing callable and/or a table) and a
+list of the sections left out with the reason. HTML and PDF render the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .fig_gradients import fig_distance, fig_gradnorm_heatmap
+from .fig_jacobians import fig_products, fig_spectra
+from .fig_training import clip_rates, fig_clipping, fig_gates
+from .load import RunSet, fmt_number
+
+__all__ = ["Section", "Table", "plan", "run_rows", "RUN_COLUMNS"]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A small display table: header cells, rows of text cells, an optional CSS class per row."""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    row_classes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Section:
+    id: str
+    title: str
+    explanation: str
+    sources: tuple[str, ...]  # table names the section reads
+    notes: tuple[str, ...] = ()
+    draw: Callable | None = None  # draw(target=None) -> Figure
+    alt: str = ""
+    table: Table | None = None
+    table_caption: str = ""
+
+
+@dataclass(frozen=True)
+class Omitted:
+    id: str
+    title: str
+    note: str
+
+
+EXPLAIN = {
+    "summary": (
+        "One verdict per run and recorded state, in plain words, from the analysis (summary.csv). "
+        "'Vanishing' means the gradient that reaches early timesteps is orders of magnitude smaller "
+        "than at the loss; 'exploding' that it grows. The figures below show the evidence."
+    ),
+    "gradnorms": (
+        "Each cell is the median over the batch of the gradient norm ‖dL/ds_t‖ that reached timestep t "
+        "(columns) at one recorded training step (rows). The loss sits at the last timestep, so the "
+        "gradient enters at the right edge and flows leftwards through the recurrence: colour fading "
+        "towards the left means it vanishes with distance, brightening means it explodes. Each panel "
+        "has its own logarithmic colour scale (read the colour bar; compare runs in the next figure). "
+        "Grey cells: the gradient was exactly 0 in float32 (underflow, not a true zero); red: NaN or Inf."
+    ),
+    "distance": (
+        "Median gradient norm against temporal distance (how many steps separate the state from the "
+        "loss), with the 25–75% (dark) and 5–95% (light) spread over the batch, on a shared log axis. "
+        "A straight falling line means exponential vanishing; the dashed line has the fitted slope, "
+        "written in the legend as the factor the gradient is multiplied by per step. The dotted line is "
+        "the memory horizon: the distance where the gradient has fallen by the stated factor. Triangles "
+        "at the bottom mark distances where some gradients were exactly 0 in float32: the true value is "
+        "below float32 range, not zero."
+    ),
+    "spectra": (
+        "Singular values σ of the per-step Jacobians ∂s_t/∂s_(t-1): a gradient passing one step is "
+        "stretched by σ > 1 and shrunk by σ < 1 along each direction. Mass left of the dashed line "
+        "σ = 1 means gradients shrink at every step (vanishing); values right of it allow growth "
+        "(explosion). Below: the largest singular value σ_max and the spectral radius ρ (largest "
+        "|eigenvalue|) at each timestep, averaged over the batch. σ_max < 1 everywhere guarantees "
+        "vanishing; ρ > 1 over many steps makes explosion likely."
+    ),
+    "products": (
+        "Top: singular values of the product of k consecutive Jacobians, i.e. how much k steps together "
+        "can stretch (σ > 1, above the dashed line) or shrink (below) a gradient, one line per "
+        "direction (colour = rank, 0 the largest). The top line is the most any gradient can keep over "
+        "k steps. Bottom: the Lyapunov spectrum, the average growth rate per step of each direction in "
+        "natural log units: exponents below 0 vanish like e^(λk), above 0 explode."
+    ),
+    "gates": (
+        "Mean gate activation at each timestep (band: 25–75% over the batch), split by token class when "
+        "the task has classes. In an LSTM a forget gate f near 1 keeps the cell state and lets the "
+        "gradient through unchanged; near 0 it erases (and blocks the gradient). In a GRU an update "
+        "gate z near 1 keeps the previous state. Gates that close on irrelevant tokens and open on "
+        "relevant ones show the cell learnt what to remember."
+    ),
+    "clipping": (
+        "(a) Training loss per step. (b) Global gradient norm before clipping (solid) and after "
+        "(dashed, log scale); the gap is what clipping removed. (c) Share of steps on which clipping "
+        "fired. (d) Per-timestep gradient norms before and after clipping at one step: clipping by "
+        "global norm rescales every timestep by the same factor, so it caps an explosion but cannot "
+        "bring back a gradient that has vanished."
+    ),
+}
+
+TITLES = {
+    "summary": "Verdicts",
+    "gradnorms": "Gradient norm over training and time",
+    "distance": "Gradient against temporal distance",
+    "spectra": "Per-step Jacobian spectra",
+    "products": "Jacobian products and Lyapunov spectrum",
+    "gates": "Gate activations",
+    "clipping": "Training and gradient clipping",
+}
+
+NEEDS = {
+    "summary": ("summary",),
+    "gradnorms": ("gradnorms",),
+    "distance": ("distance", "decay"),
+    "spectra": ("spectra", "spectra_summary"),
+    "products": ("products", "lyapunov"),
+    "gates": ("gates",),
+    "clipping": ("metrics", "clip_timesteps"),
+}
+
+
+def plan(rs: RunSet) -> tuple[list[Section], list[Omitted]]:
+    """The sections with data, in reading order, and the ones left out (with why)."""
+    out, omitted = [], []
+    for sid in TITLES:
+        have = [t for t in NEEDS[sid] if rs.has(t)]
+        if sid == "distance" and not rs.has("distance"):
+            have = []
+        if not have:
+            files = " or ".join(f"{t}.csv" for t in NEEDS[sid])
+            omitted.append(Omitted(sid, TITLES[sid], f"No run has {files} with rows, so this section is left out."))
+            continue
+        out.append(_BUILD[sid](rs, tuple(have)))
+    return out, omitted
+
+
+def _missing_runs(rs: RunSet, name: str) -> list[str]:
+    if not rs.has(name):
+        return []
+    present = set(rs.table(name)["run"])
+    return [r.label for r in rs.runs if r.label not in present]
+
+
+def _coverage_notes(rs: RunSet, names) -> list[str]:
+    notes = []
+    for n in names:
+        miss = _missing_runs(rs, n)
+        if miss:
+            notes.append(f"Not shown for {', '.join(miss)}: no rows in {n}.csv.")
+    return notes
+
+
+def _flag_notes(rs: RunSet, names) -> list[str]:
+    shown = set()
+    for n in names:
+        if rs.has(n):
+            shown |= set(rs.table(n)["run"])
+    notes = []
+    for r in rs.runs:
+        if r.label in shown and r.flagged:
+            at = f" at step {r.diverged_at}" if r.diverged_at is not None else ""
+            notes.append(f"⚠ {r.label} {r.status}{at}: its values after that point may be NaN/Inf (marked red).")
+    return notes
+
+
+def _summary(rs: RunSet, have) -> Section:
+    s = rs.table("summary")
+    flagged = {r.label for r in rs.runs if r.flagged}
+    rows, classes = [], []
+    for _, r in s.iterrows():
+        rows.append((r["run"], r["key"], r["verdict"], r["detail"]))
+        v = str(r["verdict"]).lower()
+        cls = "vanishing" if "vanish" in v else "exploding" if "explod" in v else "ok"
+        classes.append(cls + (" flagged" if r["run"] in flagged else ""))
+    return Section(
+        "summary", TITLES["summary"], EXPLAIN["summary"], have,
+        notes=tuple(_coverage_notes(rs, have) + _flag_notes(rs, have)),
+        table=Table(("run", "state", "verdict", "detail"), tuple(rows), tuple(classes)),
+    )
+
+
+def _gradnorms(rs: RunSet, have) -> Section:
+    g = rs.table("gradnorms")
+    notes = _coverage_notes(rs, have) + _flag_notes(rs, have)
+    under = g.loc[np.isneginf(g["q50"].to_numpy(float)), "run"]
+    for run in dict.fromkeys(under):
+        notes.append(f"{run}: some cells are grey, the median gradient was exactly 0 in float32 (underflow).")
+    return Section(
+        "gradnorms", TITLES["gradnorms"], EXPLAIN["gradnorms"], have, tuple(notes),
+        draw=lambda target=None: fig_gradnorm_heatmap(g, target=target),
+        alt="Heatmaps of the median log10 gradient norm over training step and timestep, one per run and state",
+    )
+
+
+def _distance(rs: RunSet, have) -> Section:
+    d = rs.table("distance")
+    dec = rs.table("decay") if rs.has("decay") else None
+    notes = _coverage_notes(rs, have) + _flag_notes(rs, have)
+    if dec is None:
+        notes.append("decay.csv is absent: no fitted decay rate or memory horizon is marked.")
+    else:
+        notes.append("The dashed fit uses the analysis' slope (decay_rate); its intercept is the least-squares "
+                     "one for that slope, since decay.csv stores no intercept.")
+    for run in dict.fromkeys(d.loc[d["frac_zero"] > 0, "run"]):
+        fz = d.loc[d["run"] == run, "frac_zero"]
+        notes.append(f"{run}: float32 underflow, up to {fz.max():.0%} of gradients exactly 0 at some distances.")
+    table = None
+    if dec is not None:
+        rows = []
+        for _, r in dec.iterrows():
+            rate = float(r["decay_rate"])
+            ci = f"[{float(r['ci_low']):.3g}, {float(r['ci_high']):.3g}]"
+            hz = ("not reached" if bool(r["horizon_censored"]) or not math.isfinite(float(r["horizon"]))
+                  else f"{float(r['horizon']):.3g}")
+            rows.append((r["run"], r["key"], f"{rate:.3g}", ci, f"{10 ** rate:.3g}×" if math.isfinite(rate) else "—",
+                         hz, f"{float(r['fraction']):.3g}", "yes" if bool(r["underflow"]) else "no"))
+        table = Table(("run", "state", "decay rate (log10/step)", "95% CI", "factor per step",
+                       "horizon (steps)", "horizon threshold", "float32 underflow"), tuple(rows))
+    return Section(
+        "distance", TITLES["distance"], EXPLAIN["distance"], have, tuple(notes),
+        draw=lambda target=None: fig_distance(d, dec, target=target),
+        alt="Gradient norm against temporal distance per run with fitted decay and memory horizon",
+        table=table, table_caption="Fitted decay per run and state (decay.csv)",
+    )
+
+
+def _spectra(rs: RunSet, have) -> Section:
+    sp = rs.table("spectra") if rs.has("spectra") else None
+    ss = rs.table("spectra_summary") if rs.has("spectra_summary") else None
+    notes = _coverage_notes(rs, have)
+    if sp is None:
+        notes.append("spectra.csv is absent: the distribution of singular values is not shown.")
+    if ss is None:
+        notes.append("spectra_summary.csv is absent: σ_max and spectral radius over time are not shown.")
+    return Section(
+        "spectra", TITLES["spectra"], EXPLAIN["spectra"], have, tuple(notes),
+        draw=lambda target=None: fig_spectra(sp, ss, target=target),
+        alt="Distribution of per-step Jacobian singular values, and sigma_max and spectral radius over time",
+    )
+
+
+def _products(rs: RunSet, have) -> Section:
+    pr = rs.table("products") if rs.has("products") else None
+    ly = rs.table("lyapunov") if rs.has("lyapunov") else None
+    notes = _coverage_notes(rs, have)
+    if pr is None:
+        notes.append("products.csv is absent: singular values of products over distance are not shown.")
+    if ly is None:
+        notes.append("lyapunov.csv is absent: the Lyapunov spectrum is not shown.")
+    return Section(
+        "products", TITLES["products"], EXPLAIN["products"], have, tuple(notes),
+        draw=lambda target=None: fig_products(pr, ly, target=target),
+        alt="Singular values of Jacobian products against distance, and Lyapunov exponents",
+    )
+
+
+def _gates(rs: RunSet, have) -> Section:
+    g = rs.table("gates")
+    notes = _coverage_notes(rs, have)
+    if set(g["token_class"]) == {"all"}:
+        notes.append("The task has no token classes: one line per gate.")
+    return Section(
+        "gates", TITLES["gates"], EXPLAIN["gates"], have, tuple(notes),
+        draw=lambda target=None: fig_gates(g, target=target),
+        alt="Gate activations over timesteps per run, split by token class",
+    )
+
+
+def _clipping(rs: RunSet, have) -> Section:
+    m = rs.table("metrics") if rs.has("metrics") else None
+    ct = rs.table("clip_timesteps") if rs.has("clip_timesteps") else None
+    notes = _coverage_notes(rs, have) + _flag_notes(rs, have)
+    if m is None:
+        notes.append("metrics.csv is absent: loss, global norms and clipping rate are not shown.")
+    if ct is None:
+        notes.append("clip_timesteps.csv is absent: per-timestep norms before/after clipping are not shown.")
+    if m is not None:
+        for run, rate in clip_rates(m).items():
+            r = rs.run(run)
+            if r.clip.get("mode") not in (None, "none"):
+                notes.append(f"{run}: {r.clip_text}; clipping fired on {rate:.0%} of steps.")
+    clip_text = {r.label: r.clip_text for r in rs.runs}
+    div = {r.label: r.diverged_at for r in rs.runs if r.diverged_at is not None}
+    return Section(
+        "clipping", TITLES["clipping"], EXPLAIN["clipping"], have, tuple(notes),
+        draw=lambda target=None: fig_clipping(m, ct, clip_text=clip_text, diverged_at=div, target=target),
+        alt="Loss curves, global gradient norm before and after clipping, clipping rate, per-timestep norms",
+    )
+
+
+_BUILD = {
+    "summary": _summary,
+    "gradnorms": _gradnorms,
+    "distance": _distance,
+    "spectra": _spectra,
+    "products": _products,
+    "gates": _gates,
+    "clipping": _clipping,
+}
+
+RUN_COLUMNS = ("run", "status", "study", "task", "model", "parameters", "clipping", "seed", "device",
+               "finished", "versions")
+
+
+def run_rows(rs: RunSet) -> Table:
+    """One row of metadata per run (from run.json); flagged runs get the CSS class 'flagged'."""
+    rows, classes = [], []
+    for r in rs.runs:
+        status = ("⚠ " if r.flagged else "") + r.status + (f" at step {r.diverged_at}" if r.diverged_at is not None else "")
+        task = str(r.task.get("name", "—")) + (f", T={r.task['T']}" if "T" in r.task else "")
+        model = str(r.model.get("cell", "—"))
+        if "hidden" in r.model:
+            model += f", hidden {r.model['hidden']}"
+        if "layers" in r.model:
+            model += f" × {r.model['layers']} layer" + ("s" if r.model["layers"] != 1 else "")
+        versions = r.meta.get("versions")
+        vtext = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else fmt_number(versions)
+        rows.append((r.label, status, r.study or "—", task, model, fmt_number(r.model.get("n_params")),
+                     r.clip_text, fmt_number(r.meta.get("seed")), fmt_number(r.meta.get("device")),
+                     fmt_number(r.meta.get("finished")), vtext))
+        classes.append("flagged" if r.flagged else "")
+    return Table(RUN_COLUMNS, tuple(rows), tuple(classes))
+
+
+def frame(table: Table) -> pd.DataFrame:
+    return pd.DataFrame(list(table.rows), columns=list(table.columns))
