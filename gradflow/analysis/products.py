@@ -8,8 +8,8 @@ QR propagation (Benettin): ``J[k] Q_{k-1} = Q_k R_k`` with Q_0 = I, so that
 ``R_d ⋯ R_1 = diag(e^ℓ) N`` (rows of N have unit max-norm), updated as a log-sum-exp product so that
 nothing overflows or underflows however long the distance. Singular values of P_d are those of
 that triangle: computed by an SVD of ``diag(e^{ℓ-max ℓ}) N``; ranks below ``1e-11·σ_1``, where a
-float64 SVD has no relative accuracy left, take the graded-QR estimate ``ℓ_i + ln|N_ii|`` instead
-(exact for strongly graded products, which is when they occur).
+float64 SVD has no relative accuracy left, come from the diagonal after a few steps of unshifted QR
+iteration on the scaled triangle, which converge fastest exactly there (see ``_log_svd``).
 
 Lyapunov exponents λ_i = lim (1/n) Σ_k ln|(R_k)_ii| (natural log per step), sorted descending. Several
 steps are multiplied before each re-orthonormalisation while the accumulated spread of the
@@ -65,16 +65,37 @@ def _scaled_product(R, ell, N):
     return ell2[..., 0], N2
 
 
-def _log_svd(ell, N):
-    """ln σ of diag(e^ℓ) N, descending [B, S] (see the module docstring)."""
+def _log_svd(ell, N, max_iter: int = 60, tol: float = 1e-12):
+    """ln σ of diag(e^ℓ) N (N [B, S, S] with finite rows), descending [B, S].
+
+    Graded refinement: sort rows by ℓ, take Nᵀ = Q R, and continue with R diag(e^ℓ) (same singular
+    values; column scaling commutes with QR, so this is exact) in row-scaled form — one step of
+    unshifted QR iteration, which pushes the off-diagonal coupling of ranks i < j down by
+    e^{-(ℓ_i-ℓ_j)} per step. Ranks within 1e-11 of σ_1 come from an SVD of the scaled matrix; the
+    others from the diagonal once it has converged (≤ ``max_iter`` steps, change ≤ ``tol``)."""
     top = ell.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    A = torch.exp(ell - top)[..., None] * N
-    sv = torch.linalg.svdvals(A)
-    with torch.no_grad():
-        lsv = torch.log(sv) + top
-    diag = (ell + _logabs(N.diagonal(dim1=-2, dim2=-1))).sort(-1, descending=True).values
+    sv = torch.linalg.svdvals(torch.exp(ell - top)[..., None] * N)
+    lsv = torch.log(sv) + top
     unreliable = sv < 1e-11 * sv[..., :1]
+    if not bool(unreliable.any()):
+        return lsv
+    eye = torch.eye(N.shape[-1], dtype=N.dtype).expand_as(N)
+    diag = None
+    for _ in range(max_iter):
+        order = ell.argsort(-1, descending=True)
+        ell = ell.gather(-1, order)
+        N = N.gather(-2, order[..., None].expand_as(N))
+        R = torch.linalg.qr(N.mT, mode="r").R
+        ell, N = _scaled_product(R, ell, eye)
+        new = (ell + _logabs(N.diagonal(dim1=-2, dim2=-1))).sort(-1, descending=True).values
+        if diag is not None:
+            both = torch.isfinite(new) & torch.isfinite(diag)
+            done = torch.where(both, (new - diag).abs(), torch.zeros_like(new)).amax()
+            if float(done) <= tol and bool((torch.isfinite(new) == torch.isfinite(diag)).all()):
+                diag = new
+                break
+        diag = new
     return torch.where(unreliable, torch.minimum(diag, lsv[..., :1]), lsv)
 
 
