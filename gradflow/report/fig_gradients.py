@@ -153,8 +153,9 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
     From ``decay`` (optional): dashed fitted line with slope ``decay_rate`` (log10 per step; the
     intercept is the least-squares one given that slope, since ``decay`` has no intercept), dotted
     vertical line at ``horizon`` (an arrow at the right edge when ``horizon_censored``).
-    Distances with ``frac_zero > 0`` get a triangle at the bottom edge (float32 underflow); a dashed
-    grey line marks the smallest float32 value when the data come near it.
+    Distances with ``frac_zero > 0`` get a triangle at the bottom edge (float32 underflow), those with
+    ``frac_nonfinite > 0`` (an optional column) a red cross at the top; a dashed grey line marks the
+    smallest float32 value when the data come near it.
     """
     require(distance, "distance", ("run", "key", "distance", "q05", "q25", "q50", "q75", "q95", "frac_zero"))
     decay = decay if decay is not None and len(decay) else None
@@ -170,7 +171,7 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
         qs = distance[["q05", "q50", "q95"]].to_numpy(dtype=float)
         fin = qs[np.isfinite(qs)]
         near_limit = fin.size and fin.min() < FLOAT32_SUBNORMAL_LOG10 + 8
-        any_under = any_fit = any_hz = False
+        any_under = any_fit = any_hz = any_nonfin = False
         for ax, run in zip(axes, runs):
             dr = distance[distance["run"] == run]
             notes = {}
@@ -190,6 +191,13 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
                     pts = ax.scatter(d[fz > 0], np.full((fz > 0).sum(), 0.03), marker="v", s=16, color=c,
                                      transform=ax.get_xaxis_transform(), clip_on=False, zorder=5)
                     pts.set_gid(f"underflow|{run}|{key}")
+                if "frac_nonfinite" in s.columns:
+                    nf = s["frac_nonfinite"].to_numpy(dtype=float) > 0
+                    if nf.any():
+                        any_nonfin = True
+                        pts = ax.scatter(d[nf], np.full(nf.sum(), 0.97), marker="x", s=18, color=NONFINITE_COLOR,
+                                         transform=ax.get_xaxis_transform(), clip_on=False, zorder=5)
+                        pts.set_gid(f"nonfinite|{run}|{key}")
                 if decay is None:
                     continue
                 row = decay[(decay["run"] == run) & (decay["key"] == key)]
@@ -207,6 +215,9 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
                 hz, frac = float(row["horizon"]), float(row["fraction"])
                 if bool(row["horizon_censored"]) or not np.isfinite(hz):
                     note += f"; horizon > {d.max():g} steps"
+                    ext = float(row.get("horizon_extrapolated", np.nan))
+                    if np.isfinite(ext) and ext > 0:
+                        note += f" (≈{ext:.3g} extrapolated)"
                 else:
                     vl = ax.axvline(hz, color=c, ls=":", lw=1.4)
                     vl.set_gid(f"horizon|{run}|{key}")
@@ -236,6 +247,8 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
             handles.append(Line2D([], [], color="0.3", ls=":", lw=1.4, label="memory horizon"))
         if any_under:
             handles.append(Line2D([], [], color="0.3", marker="v", ls="", label="some exact 0 (float32 underflow)"))
+        if any_nonfin:
+            handles.append(Line2D([], [], color=NONFINITE_COLOR, marker="x", ls="", label="some NaN/Inf"))
         if near_limit:
             handles.append(Line2D([], [], color="0.4", ls=(0, (4, 2)), label="float32 smallest value"))
         f.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False)

@@ -78,10 +78,13 @@ def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFra
             r += 1
             notes = _sigma_hist(ax, spectra, labels, colors)
         if summ is not None:
-            ax1 = f.add_subplot(gs[r, 0])
-            ax2 = f.add_subplot(gs[r, 1], sharey=ax1)
+            has_rho = bool(np.isfinite(summ["spectral_radius"].to_numpy(float)).any())
+            ax1 = f.add_subplot(gs[r, 0] if has_rho else gs[r, :])
+            ax2 = f.add_subplot(gs[r, 1], sharey=ax1) if has_rho else None
             for ax, col, name, sym in ((ax1, "sigma_max", r"largest singular value $\sigma_{max}$", r"$\sigma_{max}$"),
                                        (ax2, "spectral_radius", r"spectral radius $\rho$ (max |eigenvalue|)", r"$\rho$")):
+                if ax is None:
+                    continue
                 for (run, key), lab in labels.items():
                     s = summ[(summ["run"] == run) & (summ["key"] == key)].sort_values("t")
                     if s.empty:
@@ -96,7 +99,8 @@ def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFra
             vals = summ[["sigma_max", "spectral_radius"]].to_numpy(float)
             if span_decades(np.r_[vals.ravel(), 1.0]) > 1 and np.nanmin(vals) > 0:
                 log_scale(ax1, "y")
-            ax2.tick_params(labelleft=True)
+            if ax2 is not None:
+                ax2.tick_params(labelleft=True)
         hs = [Line2D([], [], color=colors[lab], lw=1.4) for lab in labels.values()]
         ls = [f"{lab} ({notes[lab]})" if lab in notes else lab for lab in labels.values()]
         hs.append(Line2D([], [], color="black", ls="--", lw=0.9))

@@ -39,15 +39,18 @@ GATE_NAMES = {
 def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
     """Gate activations against timestep: one row of panels per run/key, one panel per gate.
 
-    Line: mean over the batch (``mean``); band: ``q25..q75``. One colour per ``token_class``
-    (a single grey line when the task has no classes, i.e. only ``"all"``).
+    Line: mean over the batch (``mean``); band: ``q25..q75``. One colour per ``token_class``; the
+    pooled class ``"all"`` is a thin dotted grey line when classes are present, the only (grey) line
+    when the task has none.
     """
     require(gates, "gates", ("run", "key", "gate", "t", "token_class", "mean", "q25", "q75"))
     series = ordered(zip(gates["run"], gates["key"]))
     labels = series_labels(gates)
     classes = ordered(gates["token_class"])
     split = classes != ["all"]
-    colors = dict(zip(classes, sns.color_palette("colorblind", len(classes)))) if split else {"all": (0.25,) * 3}
+    named = [c for c in classes if c != "all"]
+    colors = dict(zip(named, sns.color_palette("colorblind", len(named))))
+    colors["all"] = (0.25, 0.25, 0.25)
     ncols = max(len(ordered(gates.loc[(gates["run"] == r) & (gates["key"] == k), "gate"])) for r, k in series)
     with styled():
         f = new_figure(PAGE_WIDTH, 0.7 + 2.0 * len(series), target)
@@ -68,9 +71,12 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
                     if sc["t"].duplicated().any():
                         raise GradflowError(f"gates: duplicate t for run {run!r} key {key!r} gate {g!r} class {cls!r}")
                     t = sc["t"].to_numpy(float)
-                    ax.fill_between(t, sc["q25"].to_numpy(float), sc["q75"].to_numpy(float), color=colors[cls],
-                                    alpha=0.2, linewidth=0)
-                    (ln,) = ax.plot(t, sc["mean"].to_numpy(float), color=colors[cls], lw=1.3, label=cls)
+                    pooled = split and cls == "all"  # all tokens, drawn thin under the classes
+                    if not pooled:
+                        ax.fill_between(t, sc["q25"].to_numpy(float), sc["q75"].to_numpy(float),
+                                        color=colors[cls], alpha=0.2, linewidth=0)
+                    (ln,) = ax.plot(t, sc["mean"].to_numpy(float), color=colors[cls], lw=0.8 if pooled else 1.3,
+                                    ls=":" if pooled else "-", label=cls)
                     ln.set_gid(f"gate|{run}|{key}|{g}|{cls}")
                 lo = float(np.nanmin(s["q25"])) if np.isfinite(s["q25"]).any() else 0.0
                 ax.set_ylim(-1.05 if lo < -0.02 else -0.02, 1.02)
@@ -79,12 +85,16 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
                 if j == 0:
                     ax.set_ylabel("activation")
                 ax.tick_params(labelbottom=True)
-        hs = [Line2D([], [], color=colors[c], lw=1.3) for c in classes]
         if split:
-            f.legend(hs, classes, loc="outside lower center", ncol=min(len(classes), 5), frameon=False,
+            order = named + (["all"] if "all" in classes else [])
+            hs = [Line2D([], [], color=colors[c], lw=0.8 if c == "all" else 1.3, ls=":" if c == "all" else "-")
+                  for c in order]
+            labels_ = [f"{c} (all tokens)" if c == "all" else c for c in order]
+            f.legend(hs, labels_, loc="outside lower center", ncol=min(len(order), 5), frameon=False,
                      title="token class (line: mean over batch, band: 25–75%)")
         else:
-            f.legend(hs, ["mean over batch (band: 25–75%)"], loc="outside lower center", frameon=False)
+            f.legend([Line2D([], [], color=colors["all"], lw=1.3)], ["mean over batch (band: 25–75%)"],
+                     loc="outside lower center", frameon=False)
     return f
 
 

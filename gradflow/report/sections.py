@@ -176,14 +176,27 @@ def _summary(rs: RunSet, have) -> Section:
     rows, classes = [], []
     for _, r in s.iterrows():
         rows.append((r["run"], r["key"], r["verdict"], r["detail"]))
-        v = str(r["verdict"]).lower()
-        cls = "vanishing" if "vanish" in v else "exploding" if "explod" in v else "ok"
+        cls = verdict_class(r["verdict"])
         classes.append(cls + (" flagged" if r["run"] in flagged else ""))
     return Section(
         "summary", TITLES["summary"], EXPLAIN["summary"], have,
         notes=tuple(_coverage_notes(rs, have) + _flag_notes(rs, have)),
         table=Table(("run", "state", "verdict", "detail"), tuple(rows), tuple(classes)),
     )
+
+
+def verdict_class(verdict: str) -> str:
+    """CSS class of a verdict: its leading word (analysis.verdicts writes "vanishing: ...")."""
+    v = str(verdict).lower()
+    if "non-finite" in v or "nan" in v.split(":")[0]:
+        return "nonfinite"
+    if "vanish" in v:
+        return "vanishing"
+    if "explod" in v:
+        return "exploding"
+    if v.startswith(("stable", "healthy", "ok")):
+        return "ok"
+    return "neutral"
 
 
 def _gradnorms(rs: RunSet, have) -> Section:
@@ -208,6 +221,9 @@ def _distance(rs: RunSet, have) -> Section:
     else:
         notes.append("The dashed fit uses the analysis' slope (decay_rate); its intercept is the least-squares "
                      "one for that slope, since decay.csv stores no intercept.")
+    if "frac_nonfinite" in d.columns:
+        for run in dict.fromkeys(d.loc[d["frac_nonfinite"] > 0, "run"]):
+            notes.append(f"{run}: NaN/Inf gradients at some distances (red crosses at the top).")
     for run in dict.fromkeys(d.loc[d["frac_zero"] > 0, "run"]):
         fz = d.loc[d["run"] == run, "frac_zero"]
         notes.append(f"{run}: float32 underflow, up to {fz.max():.0%} of gradients exactly 0 at some distances.")
@@ -219,6 +235,9 @@ def _distance(rs: RunSet, have) -> Section:
             ci = f"[{float(r['ci_low']):.3g}, {float(r['ci_high']):.3g}]"
             hz = ("not reached" if bool(r["horizon_censored"]) or not math.isfinite(float(r["horizon"]))
                   else f"{float(r['horizon']):.3g}")
+            ext = float(r.get("horizon_extrapolated", math.nan))
+            if hz == "not reached" and math.isfinite(ext) and ext > 0:
+                hz += f" (≈{ext:.3g} extrapolated)"
             rows.append((r["run"], r["key"], f"{rate:.3g}", ci, f"{10 ** rate:.3g}×" if math.isfinite(rate) else "—",
                          hz, f"{float(r['fraction']):.3g}", "yes" if bool(r["underflow"]) else "no"))
         table = Table(("run", "state", "decay rate (log10/step)", "95% CI", "factor per step",
@@ -239,6 +258,8 @@ def _spectra(rs: RunSet, have) -> Section:
         notes.append("spectra.csv is absent: the distribution of singular values is not shown.")
     if ss is None:
         notes.append("spectra_summary.csv is absent: σ_max and spectral radius over time are not shown.")
+    elif not np.isfinite(ss["spectral_radius"].to_numpy(float)).any():
+        notes.append("The spectral radius was not computed (all NaN in spectra_summary.csv): only σ_max is shown.")
     return Section(
         "spectra", TITLES["spectra"], EXPLAIN["spectra"], have, tuple(notes),
         draw=lambda target=None: fig_spectra(sp, ss, target=target),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .synth import make_study
+from .synth import make_run, make_study
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +25,19 @@ def runset(study_dir):
 def fresh_study(tmp_path):
     """A study copied per test, free to be damaged."""
     return make_study(tmp_path / "cells")
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, study_dir):
+    """One full report of the synthetic study (HTML + PDF), shared by the tests that read it."""
+    from gradflow.report import build_report
+
+    out = tmp_path_factory.mktemp("report") / "out"
+    paths = build_report([study_dir], html=out / "index.html", pdf=out / "report.pdf")
+    return paths, study_dir
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    """One run with only the distance, decay and summary tables (one figure: quick to build)."""
+    return make_run(tmp_path / "runs" / "small", "rnn_tanh", tables=("distance", "decay", "summary"))
