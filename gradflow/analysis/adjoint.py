@@ -57,7 +57,8 @@ def adjoint_log_norms(J, direct: torch.Tensor, *, mask=None, rows: slice | None 
             if mask is not None:
                 W = torch.where(mask[k + 1][:, None, None], W, V[..., k + 1:])
             V[..., k + 1:], a[:, k + 1:] = _normalize(W, a[:, k + 1:])
-        V[..., k], a[:, k] = _normalize(g[k][..., None], torch.zeros(B, 1, dtype=torch.float64))
+        vk, ak = _normalize(g[k][..., None], torch.zeros(B, 1, dtype=torch.float64))
+        V[..., k], a[:, k] = vk[..., 0], ak[:, 0]
         part = V[:, rows, k:].norm(dim=-2)
         out[k:, k, :] = (a[:, k:] + torch.log(part)).T
     return out
@@ -88,13 +89,13 @@ def direct_gradients(trace: Trace, key, *, rtol: float | None = None) -> torch.T
     """[T, B, S] direct gradients g_t = δ_t − J_next(t)ᵀ δ_next(t) of the joint state (position order;
     next(t) = t+1 for direction 0, t−1 for direction 1; g = δ at the last processed step).
 
-    Masked steps give NaN. Entries within rounding of the cancellation — |g| ≤ rtol·(|δ_t| +
-    |Jᵀδ_next|) + 8·tiny, rtol defaulting to 8·eps of the recorded dtype — are set to exactly 0, so
-    that rounding noise does not masquerade as a source where the recorded gradients are tiny."""
+    Masked steps give NaN. Entries within rounding of the cancellation — |g_i| ≤ rtol·(||δ_t|| +
+    ||Jᵀδ_next||) + 8·tiny, rtol defaulting to 4·√S·eps of the recorded dtype — are set to exactly 0,
+    so that rounding noise does not masquerade as a source (e.g. every step of a last-step loss)."""
     k = _util.resolve(trace, key)
     delta = joint_gradient(trace, k)
     fin = torch.finfo(delta.dtype if delta.is_floating_point() else torch.float32)
-    rtol = 8 * fin.eps if rtol is None else float(rtol)
+    rtol = 4 * math.sqrt(delta.shape[-1]) * fin.eps if rtol is None else float(rtol)
     d = _util.to_steps(delta.to(torch.float64), k.direction)
     mask = _util.to_steps(trace.mask(k), k.direction)
     op = linearize_trace(trace, k, dtype=torch.float64)
@@ -103,7 +104,8 @@ def direct_gradients(trace: Trace, key, *, rtol: float | None = None) -> torch.T
     back = op.select(slice(1, None)).rmatvec(nxt[..., None])[..., 0]
     back = torch.cat([back, torch.zeros_like(d[:1])])
     g = d - back
-    small = g.abs() <= rtol * (d.abs() + back.abs()) + 8 * fin.tiny
+    scale = d.norm(dim=-1, keepdim=True) + back.norm(dim=-1, keepdim=True)
+    small = g.abs() <= rtol * scale + 8 * fin.tiny
     g = torch.where(small & torch.isfinite(g), torch.zeros_like(g), g)
     return _util.to_steps(g, k.direction)
 

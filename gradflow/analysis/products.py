@@ -7,9 +7,9 @@ QR propagation (Benettin): ``J[k] Q_{k-1} = Q_k R_k`` with Q_0 = I, so that
 ``P_d = Q_d (R_d ⋯ R_1)``. The triangular factor is stored with a per-row log scale,
 ``R_d ⋯ R_1 = diag(e^ℓ) N`` (rows of N have unit max-norm), updated as a log-sum-exp product so that
 nothing overflows or underflows however long the distance. Singular values of P_d are those of
-that triangle: computed by an SVD of ``diag(e^{ℓ-max ℓ}) N``; ranks below ``1e-11·σ_1``, where a
-float64 SVD has no relative accuracy left, come from the diagonal after a few steps of unshifted QR
-iteration on the scaled triangle, which converge fastest exactly there (see ``_log_svd``).
+that triangle: an SVD of ``diag(e^{ℓ-max ℓ}) N`` when they all lie within 1e-7 of σ_1, else a graded
+refinement (unshifted QR iteration on the scaled triangle, then per-cluster SVDs at each cluster's
+own scale; see ``_log_svd``) that keeps every rank to float64 relative accuracy.
 
 Lyapunov exponents λ_i = lim (1/n) Σ_k ln|(R_k)_ii| (natural log per step), sorted descending. Several
 steps are multiplied before each re-orthonormalisation while the accumulated spread of the
@@ -65,38 +65,64 @@ def _scaled_product(R, ell, N):
     return ell2[..., 0], N2
 
 
-def _log_svd(ell, N, max_iter: int = 60, tol: float = 1e-12):
-    """ln σ of diag(e^ℓ) N (N [B, S, S] with finite rows), descending [B, S].
+_RELIABLE = 1e-7  # a float64 SVD gives σ_i to ~eps·σ_1/σ_i relative: trusted down to this ratio
+_CLUSTER = 2.0  # ranks whose ln σ differ by less than this are resolved together by an SVD
 
-    Graded refinement: sort rows by ℓ, take Nᵀ = Q R, and continue with R diag(e^ℓ) (same singular
-    values; column scaling commutes with QR, so this is exact) in row-scaled form — one step of
-    unshifted QR iteration, which pushes the off-diagonal coupling of ranks i < j down by
-    e^{-(ℓ_i-ℓ_j)} per step. Ranks within 1e-11 of σ_1 come from an SVD of the scaled matrix; the
-    others from the diagonal once it has converged (≤ ``max_iter`` steps, change ≤ ``tol``)."""
+
+def _graded_step(ell, N, eye):
+    """One exact step: sort rows by ℓ; Nᵀ = QR; continue with R diag(e^ℓ) in row-scaled form."""
+    order = ell.argsort(-1, descending=True)
+    ell = ell.gather(-1, order)
+    N = N.gather(-2, order[..., None].expand_as(N))
+    R = torch.linalg.qr(N.mT, mode="r").R
+    return _scaled_product(R, ell, eye)
+
+
+def _log_svd(ell, N, max_iter: int = 60, tol: float = 1e-13):
+    """ln σ of diag(e^ℓ) N (N [B, S, S], finite rows of unit max-norm), descending [B, S].
+
+    Fast path: one SVD of diag(e^{ℓ-max ℓ}) N when every σ_i ≥ 1e-7·σ_1. Otherwise, graded
+    refinement: repeated exact steps (sort rows by ℓ, Nᵀ = QR, continue with R diag(e^ℓ) — same
+    singular values, since column scaling commutes with QR) are unshifted QR iteration, which
+    shrinks the coupling of ranks i < j by e^{-(ln σ_i - ln σ_j)} per step. Once the diagonal has
+    converged, ranks are grouped into clusters whose ln σ are within 2 of a neighbour; each cluster
+    is resolved by an SVD of its own diagonal block at its own scale (ranks it cannot resolve keep
+    the converged diagonal)."""
     top = ell.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     sv = torch.linalg.svdvals(torch.exp(ell - top)[..., None] * N)
-    lsv = torch.log(sv) + top
-    unreliable = sv < 1e-11 * sv[..., :1]
-    if not bool(unreliable.any()):
-        return lsv
+    out = torch.log(sv) + top
+    need = (sv < _RELIABLE * sv[..., :1]).any(-1)
+    if not bool(need.any()):
+        return out
+    ell, N = ell[need], N[need]
     eye = torch.eye(N.shape[-1], dtype=N.dtype).expand_as(N)
     diag = None
     for _ in range(max_iter):
-        order = ell.argsort(-1, descending=True)
-        ell = ell.gather(-1, order)
-        N = N.gather(-2, order[..., None].expand_as(N))
-        R = torch.linalg.qr(N.mT, mode="r").R
-        ell, N = _scaled_product(R, ell, eye)
-        new = (ell + _logabs(N.diagonal(dim1=-2, dim2=-1))).sort(-1, descending=True).values
+        ell, N = _graded_step(ell, N, eye)
+        new = ell + _logabs(N.diagonal(dim1=-2, dim2=-1))
         if diag is not None:
             both = torch.isfinite(new) & torch.isfinite(diag)
-            done = torch.where(both, (new - diag).abs(), torch.zeros_like(new)).amax()
-            if float(done) <= tol and bool((torch.isfinite(new) == torch.isfinite(diag)).all()):
+            change = torch.where(both, (new - diag).abs(), torch.zeros_like(new)).amax()
+            if float(change) <= tol and bool((torch.isfinite(new) == torch.isfinite(diag)).all()):
                 diag = new
                 break
         diag = new
-    return torch.where(unreliable, torch.minimum(diag, lsv[..., :1]), lsv)
+    res = diag.clone()
+    for i in range(diag.shape[0]):
+        d = diag[i]
+        gaps = (d[:-1] - d[1:]).abs()
+        cut = [0] + [j + 1 for j in torch.nonzero(~(gaps < _CLUSTER)).flatten().tolist()] + [d.numel()]
+        for a, b in zip(cut[:-1], cut[1:]):
+            if b - a < 2 or not bool(torch.isfinite(ell[i, a:b]).all()):
+                continue
+            m = ell[i, a:b].amax()
+            csv = torch.linalg.svdvals(torch.exp(ell[i, a:b] - m)[:, None] * N[i, a:b, a:b])
+            ok = csv >= _RELIABLE * csv[0]
+            block = d[a:b].sort(descending=True).values
+            res[i, a:b] = torch.where(ok, torch.log(csv) + m, block)
+    out[need] = res.sort(-1, descending=True).values
+    return out
 
 
 def product_singular_values(J, *, distances=None, start: int = 0, mask=None) -> torch.Tensor:

@@ -8,6 +8,8 @@ so the c probe sees only the gradient through later steps).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gradflow.trace import CellInfo, StateKey, Trace
@@ -147,3 +149,64 @@ def autograd_jacobians(step_fn, x, prevs):
                 return torch.cat([q[0] for q in new])
             out[t, b] = torch.autograd.functional.jacobian(f, torch.cat([p[t, b] for p in prevs]))
     return out
+
+
+def separate_backward_passes(ref, *, direction=0, lengths=None, state=0, seed=1):
+    """Reference G[s, t, b] = ||∂L_s/∂s_t|| (block ``state``) by one backward pass per source s, for
+    L_s = Σ_b <w_s, h_s> (w as in ``unroll(loss='all')``); NaN where t is after s or masked.
+    Also returns the joint direct gradients [T, B, S] (w_s in the h block)."""
+    x, s0, fn = ref["x"], ref["s0"], ref["step"]
+    T, B, _ = x.shape
+    lengths = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths)
+    g = torch.Generator().manual_seed(seed)
+    ws = torch.randn(T, B, s0[0].shape[-1], generator=g, dtype=DT)
+    order = list(range(T)) if direction == 0 else list(range(T - 1, -1, -1))
+    probes = [[torch.zeros_like(s, requires_grad=True) for s in s0] for _ in range(T)]
+    s, losses = tuple(s0), {}
+    for t in order:
+        valid = (t < lengths).to(DT)[:, None]
+        new = fn(x[t], s)
+        new = tuple(valid * a + (1 - valid) * b for a, b in zip(new, s))
+        new = tuple(a + pr for a, pr in zip(new, probes[t]))
+        losses[t] = (ws[t] * new[0] * valid).sum()
+        s = new
+    G = torch.full((T, T, B), float("nan"), dtype=DT)
+    for si in range(T):
+        before = order[: order.index(si) + 1]
+        grads = torch.autograd.grad(losses[si], [probes[t][state] for t in before], retain_graph=True,
+                                    allow_unused=True)
+        for t, gr in zip(before, grads):
+            G[si, t] = torch.zeros(B, dtype=DT) if gr is None else gr.norm(dim=-1)
+    mask = torch.arange(T)[:, None] < lengths[None, :]
+    G = torch.where(mask[:, None, :] & mask[None, :, :], G, float("nan"))
+    S = sum(p.shape[-1] for p in s0)
+    direct = torch.zeros(T, B, S, dtype=DT)
+    direct[..., : s0[0].shape[-1]] = ws * mask[..., None]
+    return G, direct
+
+
+def float32_linear_trace(s=0.01, T=30, H=3, B=2):
+    """A float32 linear RNN h' = s·Q h + x whose δ_t = s^(T-1-t)·(Qᵀ)^(T-1-t) w underflows float32 to
+    exactly 0 beyond distance ~22, while its log-space value is (T-1-t)·log10 s + log10||w||."""
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64)).Q.float()
+    W = s * Q
+    step = lambda x, st: (st[0] @ W.T + x,)  # noqa: E731
+    x = torch.randn(T, B, H, generator=g)
+    hs, prevs, probes = [], [], []
+    cur = torch.randn(B, H, generator=g)
+    for t in range(T):
+        pr = torch.zeros(B, H, requires_grad=True)
+        prevs.append(cur)
+        cur = step(x[t], (cur,))[0] + pr
+        hs.append(cur)
+        probes.append(pr)
+    w = torch.randn(B, H, generator=g)
+    grads = torch.stack(torch.autograd.grad((w * hs[-1]).sum(), probes))
+    cell = CellInfo("custom", H, H, 0, ("h",), {"h": H}, True, "custom", "Linear")
+    tr = Trace(keep="states")
+    key = StateKey("lin", 0, 0, "h")
+    tr._add_unit(key.unit, cell, torch.ones(T, B, dtype=torch.bool), inputs=x, step=step)
+    tr._add_state(key, grads, state=torch.stack(hs).detach(), prev=torch.stack(prevs).detach())
+    exact = (T - 1 - torch.arange(T, dtype=torch.float64))[:, None] * math.log10(s) + w.double().norm(dim=-1).log10()
+    return tr, key, exact

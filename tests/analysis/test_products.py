@@ -77,16 +77,16 @@ def test_orthogonal_times_s_no_underflow_at_any_length():
 @given(lam=st.lists(st.floats(-4.0, 1.0), min_size=2, max_size=5), seed=st.integers(0, 999))
 def test_graded_long_products_keep_every_rank(lam, seed):
     """J_k = Q_k diag(e^λ) Q_{k-1}ᵀ with random orthogonal Q_k: the product over d steps has singular
-    values exactly e^{dλ}. Over 100 steps they span up to a factor e^500 (a float64 SVD resolves
+    values exactly e^{dλ}. Over 60 steps they span up to a factor e^300 (a float64 SVD resolves
     e^36) with arbitrary gaps, near-degenerate ranks included."""
     g = torch.Generator().manual_seed(seed)
-    S, T = len(lam), 100
+    S, T = len(lam), 60
     Q = torch.linalg.qr(torch.randn(T + 1, S, S, generator=g, dtype=h.DT)).Q
     lam = torch.tensor(lam, dtype=h.DT)
     J = (Q[1:] * lam.exp()) @ Q[:-1].mT
-    ls = product_singular_values(J[:, None], distances=[1, 40, 100])
-    want = torch.tensor([1, 40, 100], dtype=h.DT)[:, None] * lam.sort(descending=True).values
-    assert torch.allclose(ls[:, 0], want, rtol=1e-8, atol=1e-8)
+    ls = product_singular_values(J[:, None], distances=[1, 25, 60])
+    want = torch.tensor([1, 25, 60], dtype=h.DT)[:, None] * lam.sort(descending=True).values
+    assert torch.allclose(ls[:, 0], want, rtol=1e-10, atol=1e-10)
 
 
 def test_masked_steps_are_identity_and_not_counted():

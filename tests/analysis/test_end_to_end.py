@@ -1,0 +1,69 @@
+"""Traces recorded by gradflow.record(keep='states') on real nn.RNN/LSTM/GRU modules."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import gradflow
+from gradflow.analysis import direct_gradients, jacobians, joint_gradient
+
+from . import helpers as h
+
+MODELS = [
+    ("lstm", lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2)),
+    ("lstm", lambda: nn.LSTM(3, 4, bias=False)),
+    ("gru", lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True)),
+    ("rnn_relu", lambda: nn.RNN(3, 4, nonlinearity="relu")),
+    ("rnn_tanh", lambda: nn.RNN(3, 4, bidirectional=True, bias=False)),
+]
+
+
+def module_params(m, layer, direction):
+    sfx = f"_l{layer}" + ("_reverse" if direction else "")
+    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"]
+    return {n: getattr(m, n + sfx).detach() for n in names if hasattr(m, n + sfx)}
+
+
+@pytest.mark.parametrize("kind,make", MODELS, ids=[f"{k}{i}" for i, (k, _) in enumerate(MODELS)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_recorded_jacobians_and_total_derivative(kind, make, packed):
+    torch.manual_seed(0)
+    m = make().double()
+    T, B = 5, 3
+    x = torch.randn(T, B, 3, dtype=torch.float64)
+    lengths = torch.tensor([5, 3, 4])
+    with gradflow.record(m, keep="states") as rec:
+        if packed:
+            out, _ = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+            out, _ = pad_packed_sequence(out, total_length=T)
+        else:
+            out, _ = m(x)
+        w = torch.randn_like(out)
+        (w * out).sum().backward()
+    tr = rec.trace
+    D = 2 if m.bidirectional else 1
+    top = m.num_layers - 1
+    for key in tr.keys(state="h"):
+        p = module_params(m, key.layer, key.direction)
+        step = lambda xt, s, p=p: h.step(kind, p, xt, s)  # noqa: E731
+        prevs = tuple(tr.prev_states(k) for k in ([key, key.with_state("c")] if kind == "lstm" else [key]))
+        want = h.autograd_jacobians(step, tr.inputs(key), prevs)
+        mask = tr.mask(key)
+        want[~mask] = torch.eye(want.shape[-1], dtype=want.dtype)
+        J = jacobians(tr, key)
+        assert torch.allclose(J, want, atol=1e-10, rtol=0), key
+        if key.layer != top:
+            continue
+        # the top layer's only direct gradient is w (its output block): δ_t = w_t + J_next(t)ᵀ δ_next(t)
+        P = tr.grad(key).shape[-1]
+        direct = torch.zeros_like(joint_gradient(tr, key))
+        direct[..., :P] = w[..., key.direction * P:(key.direction + 1) * P]
+        assert torch.allclose(direct_gradients(tr, key)[mask], direct[mask], atol=1e-10)
+        delta = torch.nan_to_num(joint_gradient(tr, key))
+        for t in range(T):
+            nxt = t + 1 if key.direction == 0 else t - 1
+            back = J[nxt].mT @ delta[nxt][..., None] if 0 <= nxt < T else 0.0
+            rebuilt = direct[t] + (back[..., 0] * mask[nxt][:, None] if 0 <= nxt < T else 0.0)
+            assert torch.allclose(rebuilt[mask[t]], delta[t][mask[t]], atol=1e-10), (key, t)
+    assert len(tr.keys(state="h")) == m.num_layers * D

@@ -1,0 +1,65 @@
+"""Gate statistics per timestep and token class, against gate values computed in the test."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradflow import GradflowError
+from gradflow.analysis import gate_statistics, gate_values
+from gradflow.tables import check_columns
+
+from . import helpers as h
+
+
+def explicit_gates(kind, p, x, h_prev):
+    gi = x @ p["weight_ih"].T + p.get("bias_ih", 0.0)
+    gh = h_prev @ p["weight_hh"].T + p.get("bias_hh", 0.0)
+    H = p["weight_hh"].shape[0] // (4 if kind == "lstm" else 3)
+    if kind == "lstm":
+        a = gi + gh
+        return {"i": a[..., :H].sigmoid(), "f": a[..., H:2 * H].sigmoid(), "g": a[..., 2 * H:3 * H].tanh(),
+                "o": a[..., 3 * H:].sigmoid()}
+    r = (gi[..., :H] + gh[..., :H]).sigmoid()
+    z = (gi[..., H:2 * H] + gh[..., H:2 * H]).sigmoid()
+    return {"r": r, "z": z, "n": (gi[..., 2 * H:] + r * gh[..., 2 * H:]).tanh()}
+
+
+@pytest.mark.parametrize("kind,opts", [("lstm", {"proj": 2}), ("gru", {"bias": False})])
+def test_gate_values_and_statistics(kind, opts):
+    tr, key, ref = h.make_trace(kind, T=6, B=4, H=3, lengths=[6, 6, 3, 5], **opts)
+    want = explicit_gates(kind, ref["p"], ref["x"], ref["prevs"][0])
+    got = gate_values(ref["cell"], ref["p"], ref["x"], ref["prevs"])
+    assert set(got) == set(want)
+    for g in want:
+        assert torch.allclose(got[g], want[g], atol=1e-12)
+    df = gate_statistics(tr, key)
+    check_columns("gates", [*df.columns, "run"])
+    assert set(df["gate"]) == set(want) and set(df["token_class"]) == {"all"}
+    gate = "f" if kind == "lstm" else "z"
+    row = df[(df.gate == gate) & (df.t == 4)].iloc[0]
+    vals = want[gate][4][ref["mask"][4]].numpy().ravel()  # b = 2 is past its length at t = 4
+    assert row["mean"] == pytest.approx(vals.mean()) and row["q50"] == pytest.approx(np.median(vals))
+    assert row["q25"] == pytest.approx(np.quantile(vals, 0.25))
+
+
+def test_token_classes_split_rows():
+    tr, key, ref = h.make_trace("lstm", T=5, B=3, H=2)
+    classes = np.array([["irrelevant", "signal", "irrelevant"]] * 5)
+    classes[0, 0] = "signal"
+    df = gate_statistics(tr, key, classes=classes, gates=["i"])
+    assert set(df["token_class"]) == {"all", "signal", "irrelevant"}
+    i = explicit_gates("lstm", ref["p"], ref["x"], ref["prevs"][0])["i"]
+    row = df[(df.t == 0) & (df.token_class == "signal")].iloc[0]
+    assert row["mean"] == pytest.approx(i[0, :2].mean().item())
+    assert len(df[df.t == 1]) == 3
+
+
+def test_gate_errors():
+    tr, key, _ = h.make_trace("rnn_tanh")
+    with pytest.raises(GradflowError, match="no gates"):
+        gate_statistics(tr, key)
+    tr, key, _ = h.make_trace("gru")
+    with pytest.raises(GradflowError, match="unknown gate"):
+        gate_statistics(tr, key, gates=["f"])
+    with pytest.raises(GradflowError, match=r"\[T, B\]"):
+        gate_statistics(tr, key, classes=np.zeros((2, 2)))
