@@ -19,7 +19,8 @@ from ..trace import CellInfo
 
 @dataclass
 class UnitRecord:
-    """One recurrence of a fused call: slots[state][t] receives dL/ds_t from a tensor hook.
+    """One recurrence of a fused call: grads[state] receives dL/ds_t [T, B, S] from the kernel's
+    backward.
 
     Tensors are in the unroll's batch order (sorted for PackedSequence); ``order`` maps them back
     to the caller's order (None = identity). ``states``/``prev``/``inputs`` are filled for
@@ -28,7 +29,7 @@ class UnitRecord:
     unit: tuple
     cell: CellInfo
     T: int
-    slots: dict[str, list] = field(default_factory=dict)
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
     states: dict[str, torch.Tensor] = field(default_factory=dict)
     prev: dict[str, torch.Tensor] = field(default_factory=dict)
     inputs: torch.Tensor | None = None
@@ -36,10 +37,7 @@ class UnitRecord:
     mask: torch.Tensor | None = None
     order: torch.Tensor | None = None
     shapes: dict[str, tuple] = field(default_factory=dict)  # state -> (B, S)
-
-    def __post_init__(self):
-        for s in self.cell.states:
-            self.slots.setdefault(s, [None] * self.T)
+    dtype_device: tuple = (torch.float32, torch.device("cpu"))
 
 
 @dataclass

@@ -12,9 +12,10 @@ Per step, for layer input x_t (input projection precomputed for all t in one mat
         h_t = σ(o)tanh(c_t)  (then h_t ← W_hr h_t with proj_size)
 * GRU:  r, z = σ(·);  n = tanh(W_in x_t + b_in + r(W_hn h_{t-1} + b_hn));  h_t = (1-z)n + z h_{t-1}
 
-For an LSTM the c state handed to the next step is a separate alias of c_t, so the hook on it sees
-only the gradient arriving through step t+1 (and c_n), not the same-step path through h_t: that is
-the c-block of δ_t with (h, c) as independent coordinates.
+The recurrence of each layer-direction is a custom autograd Function (``kernels``) whose backward
+computes the adjoint recursion explicitly and hands δ_t to the recorder: for an LSTM the c-block
+is dL/dc_t with h_t held as a separate coordinate (the gradient arriving through step t+1 and
+c_n, not the same-step path through h_t = o_t·tanh(c_t)).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import UnsupportedModuleError
 from ..trace import CellInfo
-from .calls import FusedCall, UnitRecord, store_hook
+from . import kernels as _kernels
+from .calls import FusedCall, UnitRecord
 
 FUSED_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
 
@@ -203,73 +205,61 @@ def _layer_info(info: CellInfo, layer: int, module, D: int) -> CellInfo:
     return replace(info, input_size=D * info.state_sizes["h"])
 
 
+class _Sink:
+    """Receives one unit's states (forward) and δ_t (backward) from the recurrence kernels, in
+    processing order; flips them back to position order for the reverse direction."""
+
+    def __init__(self, recorder, call, rec, reverse, keep_states):
+        self.recorder, self.call, self.rec = recorder, call, rec
+        self.reverse, self.keep_states = reverse, keep_states
+
+    def _pos(self, x):
+        return x.flip(0) if self.reverse else x
+
+    def forward(self, **states):
+        if self.keep_states:
+            for name, v in states.items():
+                self.rec.states[name] = self._pos(v.detach())
+
+    def backward(self, state, grad):
+        if self.recorder._active:
+            self.rec.grads[state] = self._pos(grad)
+            self.recorder._reached(self.call)
+
+
 def _run_direction(recorder, call, rec, kind, x, h, c, params, *, reverse, mask, keep_states):
     """Unroll one layer-direction over x [T, B, F]; returns (output [T, B, P] in position order,
-    h_last, c_last)."""
-    T = x.shape[0]
+    h_last, c_last). The recurrence runs in processing order (time-flipped for the reverse
+    direction) through a kernel whose backward hands δ_t to the recorder."""
     w_ih, w_hh = params["weight_ih"], params["weight_hh"]
     b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
     w_hr = params.get("weight_hr")
-    w_hh_t = w_hh.t()
-    is_gru = kind == "gru"
-    if is_gru:
+    if kind == "gru":
         xw = F.linear(x, w_ih, b_ih)
     else:
         xw = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
-    act = torch.relu if kind == "rnn_relu" else torch.tanh
-    slots_h = rec.slots["h"]
-    slots_c = rec.slots.get("c")
-    hs = [None] * T
-    cs = [None] * T if (c is not None and keep_states) else None
+    if reverse:
+        xw = xw.flip(0)
+        mask = mask.flip(0) if mask is not None else None
+    sink = _Sink(recorder, call, rec, reverse, keep_states)
     h0, c0 = h, c
-    steps = range(T - 1, -1, -1) if reverse else range(T)
-    for t in steps:
-        if kind == "lstm":
-            gates = torch.addmm(xw[t], h, w_hh_t)
-            gi, gf, gg, go = gates.chunk(4, 1)
-            c_new = torch.sigmoid(gf) * c + torch.sigmoid(gi) * torch.tanh(gg)
-            h_new = torch.sigmoid(go) * torch.tanh(c_new)
-            if w_hr is not None:
-                h_new = h_new.matmul(w_hr.t())
-            if mask is not None:
-                m = mask[t].unsqueeze(1)
-                h_new = torch.where(m, h_new, h)
-                c_new = torch.where(m, c_new, c)
-            else:
-                c_new = c_new.view_as(c_new)  # the state alias: excludes the same-step h path
-            c = c_new
-            if c.requires_grad:
-                c.register_hook(store_hook(recorder, call, slots_c, t))
-            if cs is not None:
-                cs[t] = c.detach()
-        elif is_gru:
-            gh = torch.addmm(b_hh, h, w_hh_t) if b_hh is not None else h.matmul(w_hh_t)
-            xr, xz, xn = xw[t].chunk(3, 1)
-            hr, hz, hn = gh.chunk(3, 1)
-            r = torch.sigmoid(xr + hr)
-            z = torch.sigmoid(xz + hz)
-            n = torch.tanh(xn + r * hn)
-            h_new = n + z * (h - n)
-            if mask is not None:
-                h_new = torch.where(mask[t].unsqueeze(1), h_new, h)
-        else:
-            h_new = act(torch.addmm(xw[t], h, w_hh_t))
-            if mask is not None:
-                h_new = torch.where(mask[t].unsqueeze(1), h_new, h)
-        h = h_new
-        if h.requires_grad:
-            h.register_hook(store_hook(recorder, call, slots_h, t))
-        hs[t] = h
-    out = torch.stack(hs)
+    if kind == "lstm":
+        empty = w_hh.new_empty(0)
+        out, h, c = _kernels.LSTMRecurrence.apply(xw, h0, c0, w_hh, empty if w_hr is None else w_hr, mask, sink)
+    elif kind == "gru":
+        out, h = _kernels.GRURecurrence.apply(xw, h0, w_hh, w_hh.new_empty(0) if b_hh is None else b_hh, mask, sink)
+    else:
+        out, h = _kernels.RNNRecurrence.apply(xw, h0, w_hh, kind == "rnn_relu", mask, sink)
+    if reverse:
+        out = out.flip(0)
     if keep_states:
         hd = out.detach()
         rec.states["h"] = hd
         rec.prev["h"] = _shift(hd, h0.detach(), reverse)
-        if cs is not None:
-            cd = torch.stack(cs)
-            rec.states["c"] = cd
-            rec.prev["c"] = _shift(cd, c0.detach(), reverse)
+        if kind == "lstm":
+            rec.prev["c"] = _shift(rec.states["c"], c0.detach(), reverse)
     rec.shapes["h"] = tuple(h.shape)
+    rec.dtype_device = (out.dtype, out.device)
     if c is not None:
         rec.shapes["c"] = tuple(c.shape)
     return out, h, c

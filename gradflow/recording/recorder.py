@@ -29,6 +29,11 @@ from .calls import CellCall, FusedCall
 KEEPS = ("norms", "full", "states")
 
 
+def _graph_task_id() -> int:
+    get = getattr(torch._C, "_current_graph_task_id", None)
+    return get() if get is not None else 0
+
+
 def find_recurrent(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """Every module gradflow can record: (dotted path, module, adapter) with adapter in
     ``fused | cell | custom``."""
@@ -158,7 +163,7 @@ class Recorder:
     # ------------------------------------------------------------------ bookkeeping (hot path)
     def _reset_pass(self) -> None:
         self._reached_calls: dict[int, object] = {}
-        self._queued = False
+        self._queued = None  # graph-task id of the backward pass whose end callback is queued
 
     def _next_step(self, path: str) -> int:
         t = self._steps[path]
@@ -177,8 +182,11 @@ class Recorder:
         self._pending.append(call)
 
     def _reached(self, call) -> None:
-        if not self._queued:
-            self._queued = True
+        task = _graph_task_id()
+        if self._queued != task:
+            # a new backward pass (a previous one that raised never ran its end callback: drop its data)
+            self._reached_calls = {}
+            self._queued = task
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_pass)
         self._reached_calls[id(call)] = call
 
@@ -286,14 +294,11 @@ def _add_fused_unit(trace: Trace, rec, keep: str) -> None:
         params = rec.params
     trace._add_unit(rec.unit, rec.cell, reorder(mask), inputs=None if rec.inputs is None else reorder(rec.inputs),
                     params=params)
-    fallback = (torch.float32, torch.device("cpu"))
-    if rec.states:
-        s0 = next(iter(rec.states.values()))
-        fallback = (s0.dtype, s0.device)
+    fallback = rec.dtype_device
     for name in rec.cell.states:
-        slots = rec.slots[name]
-        dtype, device = _dtype_device(slots, fallback)
-        g = _stack_slots(slots, rec.shapes[name], dtype, device)
+        g = rec.grads.get(name)
+        if g is None:
+            g = torch.zeros((T,) + rec.shapes[name], dtype=fallback[0], device=fallback[1])
         if rec.mask is not None:
             g = g.masked_fill(~rec.mask.to(g.device).unsqueeze(-1), float("nan"))
         key = StateKey(rec.unit[0], rec.unit[1], rec.unit[2], name, rec.unit[3])

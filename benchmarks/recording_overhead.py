@@ -1,0 +1,138 @@
+"""Recording overhead: a training step with ``gradflow.record(keep="norms")`` vs the plain fused step.
+
+2-layer nn.LSTM, H=256, T=256, B=32, CPU, loss on every output. Times are medians of alternating
+runs (A B A B ...) in one process; peak memory is measured in a fresh subprocess per variant
+(growth of the peak resident set size over two steps). Prints both ratios; the target is <= 1.3x time.
+
+    python benchmarks/recording_overhead.py [--steps 8] [--H 256] [--T 256] [--B 32] [--layers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import gradflow
+
+
+def make(args):
+    torch.manual_seed(0)
+    model = nn.LSTM(args.H, args.H, num_layers=args.layers)
+    x = torch.randn(args.T, args.B, args.H)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    return model, x, opt
+
+
+def step(model, x, opt):
+    opt.zero_grad(set_to_none=True)
+    out, _ = model(x)
+    out.pow(2).mean().backward()
+    opt.step()
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_time(args):
+    model, x, opt = make(args)
+    rec = gradflow.record(model, keep="norms", keep_traces=False, callback=lambda tr: None)
+    plain, recorded = [], []
+
+    def with_rec():
+        with rec:
+            step(model, x, opt)
+
+    for _ in range(2):  # warm-up
+        step(model, x, opt)
+        with_rec()
+    for _ in range(args.steps):
+        plain.append(timed(lambda: step(model, x, opt)))
+        recorded.append(timed(with_rec))
+    return statistics.median(plain), statistics.median(recorded)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_child(args, variant, q):
+    """Peak resident-set growth of two training steps: free memory is returned to the OS
+    (malloc_trim) and the kernel's peak counter reset (clear_refs 5) before the steps."""
+    import ctypes
+
+    torch.set_num_threads(args.threads)
+    model, x, opt = make(args)
+    step(model, x, opt)  # optimizer state and one-time allocations
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _rss_kib("VmRSS")
+    if variant == "plain":
+        for _ in range(2):
+            step(model, x, opt)
+    else:
+        with gradflow.record(model, keep="norms", keep_traces=False):
+            for _ in range(2):
+                step(model, x, opt)
+    q.put((_rss_kib("VmHWM") - base) / 1024)
+
+
+def run_memory(args):
+    ctx = mp.get_context("spawn")
+    out = {}
+    for variant in ("plain", "recorded"):
+        q = ctx.Queue()
+        p = ctx.Process(target=_peak_child, args=(args, variant, q))
+        p.start()
+        out[variant] = q.get()
+        p.join()
+    return out["plain"], out["recorded"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--H", type=int, default=256)
+    ap.add_argument("--T", type=int, default=256)
+    ap.add_argument("--B", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_plain, t_rec = run_time(args)
+    m_plain, m_rec = run_memory(args)
+    res = {
+        "config": f"LSTM layers={args.layers} H={args.H} T={args.T} B={args.B} threads={args.threads}",
+        "plain_step_s": round(t_plain, 4),
+        "recorded_step_s": round(t_rec, 4),
+        "time_ratio": round(t_rec / t_plain, 3),
+        "plain_peak_mib": round(m_plain, 1),
+        "recorded_peak_mib": round(m_rec, 1),
+        "memory_ratio": round(m_rec / max(m_plain, 1e-9), 3),
+    }
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(res["config"])
+        print(f"plain fused step     {t_plain * 1e3:8.1f} ms   peak +{m_plain:7.1f} MiB")
+        print(f"record(keep=norms)   {t_rec * 1e3:8.1f} ms   peak +{m_rec:7.1f} MiB")
+        print(f"ratio (recorded/plain): time {res['time_ratio']:.2f}x   memory {res['memory_ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
