@@ -7,6 +7,7 @@ Lyapunov exponents are their asymptotic growth rates per step (natural log).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -25,6 +26,7 @@ from ._style import (
     new_figure,
     ordered,
     palette,
+    pow10_text,
     require,
     series_label,
     span_decades,
@@ -148,12 +150,30 @@ def _sigma_hist(ax, spectra: pd.DataFrame, labels, colors) -> dict[str, str]:
 
 
 
+def product_ylim(products: pd.DataFrame) -> tuple[float, float, float]:
+    """y range (log10) for the product panels: every point of the three largest singular values of
+    every panel is shown with 10 % margin (at least 3 decades below them); smaller ones may run off
+    the bottom (the panel then says how far). Returns (low, high, lowest finite value)."""
+    v = products["log10_sigma"].to_numpy(float)
+    fin = np.isfinite(v)
+    lowest, highest = float(v[fin].min()), float(v[fin].max())
+    top = products.groupby(["run", "key"], sort=False)["rank"].transform(lambda r: r.rank(method="dense"))
+    tv = v[(top.to_numpy() <= 3) & fin]
+    lo_top = float(tv.min()) if tv.size else lowest
+    span = max(highest, 0.0) - lo_top
+    lo = max(lowest, lo_top - max(3.0, 0.1 * span))
+    hi = max(highest, 0.0) + max(0.5, 0.05 * (max(highest, 0.0) - lo))
+    return lo, hi, lowest
+
+
 def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | None = None, *,
                  target: Callable | None = None):
     """Singular values of Jacobian products against distance, and the Lyapunov spectrum.
 
     Top (from ``products``): one panel per run/key, one line per rank i of ``log10 σ_i`` of
-    ``∂s_{t0+k}/∂s_{t0}`` against k (colour = rank, shared colour bar), dashed line at σ = 1.
+    ``∂s_{t0+k}/∂s_{t0}`` against k (colour = rank, shared colour bar), dashed line at σ = 1. The
+    shared y axis is fitted to the three largest σ_i of every panel (what a gradient can keep);
+    smaller ones may run off the bottom, and the panel then says down to which power of ten.
     Bottom (from ``lyapunov``): exponent λ_i (ln per step) against rank with ± stderr bars, one
     line per run/key, dashed line at 0.
     """
@@ -180,6 +200,7 @@ def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | 
             norm = Normalize(vmin=float(ranks.min()), vmax=float(max(ranks.max(), ranks.min() + 1)))
             cmap = sns.color_palette("viridis", as_cmap=True)
             axes = np.atleast_1d(top.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)).ravel()
+            ylo, yhi, floor = product_ylim(products)
             for ax, (run, key) in zip(axes, panels):
                 s = products[(products["run"] == run) & (products["key"] == key)]
                 for rank in ordered(np.sort(s["rank"].unique())):
@@ -188,12 +209,18 @@ def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | 
                                     color=cmap(norm(rank)), lw=1.0)
                     ln.set_gid(f"product|{run}|{key}|{rank}")
                 ax.axhline(0.0, color="black", ls="--", lw=0.9)
+                smin = float(np.nanmin(np.where(np.isfinite(s["log10_sigma"]), s["log10_sigma"], np.nan)))
+                if smin < ylo:
+                    ax.text(0.03, 0.03, f"smaller σ continue down to {pow10_text(math.floor(smin))}",
+                            transform=ax.transAxes, fontsize=6.5, color="0.2", va="bottom",
+                            bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=1.5))
                 ax.set_title(f"{run} — {key}", loc="left")
                 ax.set_xlabel("distance k (steps)")
                 if ax.get_subplotspec().is_first_col():
                     ax.set_ylabel(r"$\sigma_i$ of $\partial s_{t_0+k}/\partial s_{t_0}$")
                 ax.tick_params(labelleft=True, labelbottom=True)
                 log10_axis(ax, "y")
+            axes[0].set_ylim(ylo, yhi)
             for ax in axes[len(panels):]:
                 ax.remove()
             cb = top.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[: len(panels)]), shrink=0.9,
@@ -214,7 +241,7 @@ def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | 
                 eb.lines[0].set_gid(f"lyapunov|{run}|{key}")
             ax.axhline(0.0, color="black", ls="--", lw=0.9, label="0 (neither grows nor shrinks)")
             ax.set_xlabel("index i (exponents sorted, largest first)")
-            ax.set_ylabel("λ_i (ln per step)")
+            ax.set_ylabel(r"$\lambda_i$ (ln per step)")
             ax.set_title("Lyapunov spectrum (mean over batch ± standard error)", loc="left")
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(loc="best", fontsize=7.5, ncol=2 if len(labels) > 4 else 1)

@@ -75,10 +75,14 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
                     if not pooled:
                         ax.fill_between(t, sc["q25"].to_numpy(float), sc["q75"].to_numpy(float),
                                         color=colors[cls], alpha=0.2, linewidth=0)
-                    (ln,) = ax.plot(t, sc["mean"].to_numpy(float), color=colors[cls], lw=0.8 if pooled else 1.3,
-                                    ls=":" if pooled else "-", label=cls)
+                    y = sc["mean"].to_numpy(float)
+                    # classes present at few timesteps (a key token at t=0) would vanish as a line
+                    sparse = np.isfinite(y).sum() <= 12 or _isolated(y).any()
+                    (ln,) = ax.plot(t, y, color=colors[cls], lw=0.8 if pooled else 1.3,
+                                    ls=":" if pooled else "-", label=cls, marker="o" if sparse else None, ms=3)
                     ln.set_gid(f"gate|{run}|{key}|{g}|{cls}")
-                lo = float(np.nanmin(s["q25"])) if np.isfinite(s["q25"]).any() else 0.0
+                q = s.loc[s["gate"] == g, "q25"].to_numpy(float)
+                lo = float(np.nanmin(q)) if np.isfinite(q).any() else 0.0
                 ax.set_ylim(-1.05 if lo < -0.02 else -0.02, 1.02)
                 ax.set_title(f"{labels[(run, key)]}: {GATE_NAMES.get(g, 'gate ' + g)}", loc="left", fontsize=8.5)
                 ax.set_xlabel("timestep t")
@@ -96,6 +100,14 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
             f.legend([Line2D([], [], color=colors["all"], lw=1.3)], ["mean over batch (band: 25–75%)"],
                      loc="outside lower center", frameon=False)
     return f
+
+
+def _isolated(y: np.ndarray) -> np.ndarray:
+    """Finite points whose neighbours are both missing (they draw no line segment)."""
+    f = np.isfinite(y)
+    left = np.r_[False, f[:-1]]
+    right = np.r_[f[1:], False]
+    return f & ~left & ~right
 
 
 def clip_rates(metrics: pd.DataFrame) -> pd.Series:
@@ -132,19 +144,19 @@ def fig_clipping(metrics: pd.DataFrame | None = None, clip_timesteps: pd.DataFra
     runs = ordered(list(metrics["run"] if metrics is not None else []) + list(ct["run"] if ct is not None else []))
     colors = palette(runs)
     with styled():
-        n = (3 if metrics is not None else 0) + (1 if ct is not None else 0)
-        rows = 2 if n > 2 else 1
-        f = new_figure(PAGE_WIDTH, 0.9 + 2.8 * rows, target)
-        axes = list(np.atleast_1d(f.subplots(rows, 2 if n > 1 else 1, squeeze=False)).ravel())
         if metrics is not None:
-            ax_loss, ax_norm, ax_rate = axes[0], axes[1], axes[2]
-            _loss(ax_loss, metrics, runs, colors, diverged_at)
-            _norms(ax_norm, metrics, runs, colors)
-            _rates(ax_rate, metrics, colors)
-        if ct is not None:
-            _timesteps(axes[n - 1], ct, colors)
-        for ax in axes[n:]:
-            ax.remove()
+            rate_h = 0.8 + 0.3 * len(runs)
+            bottom_h = 2.8 if ct is not None else rate_h
+            f = new_figure(PAGE_WIDTH, 0.9 + 2.8 + bottom_h, target)
+            gs = f.add_gridspec(2, 2, height_ratios=[2.8, bottom_h])
+            _loss(f.add_subplot(gs[0, 0]), metrics, runs, colors, diverged_at)
+            _norms(f.add_subplot(gs[0, 1]), metrics, runs, colors)
+            _rates(f.add_subplot(gs[1, 0] if ct is not None else gs[1, :]), metrics, colors)
+            if ct is not None:
+                _timesteps(f.add_subplot(gs[1, 1]), ct, colors)
+        else:
+            f = new_figure(PAGE_WIDTH, 0.9 + 3.2, target)
+            _timesteps(f.add_subplot(), ct, colors)
         hs = [Line2D([], [], color=colors[r], lw=1.6) for r in runs]
         ls = [f"{r} ({clip_text[r]})" if r in clip_text else r for r in runs]
         hs += [Line2D([], [], color="0.3", lw=1.4), Line2D([], [], color="0.3", ls="--", lw=1.4)]
