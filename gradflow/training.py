@@ -543,7 +543,8 @@ class ClippingComparison:
             tail = m["loss"].iloc[-max(1, len(m) // 10):]
             rows.append({"run": label, "status": r.status, "diverged_at": r.diverged_at,
                          "eval_metric": r.eval_metric, "solved": r.solved, "chance": r.task.chance_metric,
-                         "frac_clipped": float(m["clipped"].mean()), "max_grad_norm": float(m["grad_norm_before"].max()),
+                         "frac_clipped": float(m["clipped"].mean()),
+                         "max_grad_norm": float(m["grad_norm_before"].max()),
                          "final_loss": float(tail.mean())})
         return pd.DataFrame(rows)
 

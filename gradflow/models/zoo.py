@@ -155,7 +155,9 @@ class SequenceModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens:
             if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
-                raise TaskError(f"{self.cell} model: token input must be an int [T, B] tensor, got {x.dtype} {tuple(x.shape)}")
+                raise TaskError(
+                    f"{self.cell} model: token input must be an int [T, B] tensor, got {x.dtype} {tuple(x.shape)}"
+                )
             x = F.one_hot(x.long(), self.input_size).to(self.head.weight.dtype)
         elif x.dim() != 3 or x.shape[-1] != self.input_size:
             raise TaskError(f"{self.cell} model: input must be [T, B, {self.input_size}], got {tuple(x.shape)}")
@@ -207,6 +209,8 @@ def _validate(kind, input_size, output_size, readout, hidden, layers, dropout, i
     if not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0):
         raise TaskError(f"model {kind.name!r}: gain must be a positive number, got {gain!r}")
     if init == "default" and gain != 1.0:
-        raise TaskError(f"model {kind.name!r}: gain={gain} needs init='orthogonal', 'identity' or 'gaussian' (not 'default')")
+        raise TaskError(
+            f"model {kind.name!r}: gain={gain} needs init='orthogonal', 'identity' or 'gaussian' (not 'default')"
+        )
     if forget_bias is not None and kind.name != "lstm":
         raise TaskError(f"model {kind.name!r}: forget_bias applies to cell='lstm' only")

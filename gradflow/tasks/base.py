@@ -141,7 +141,7 @@ class Task:
         self._check_out(out, y)
         if self.loss_name == "cross_entropy":
             return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-        return F.mse_loss(out.reshape(y.shape), y)
+        return F.mse_loss(out.reshape(y.shape), y.to(out.dtype))
 
     def metric(self, out: torch.Tensor, y: torch.Tensor) -> float:
         """The task metric on one batch (accuracy over every target, or MSE)."""
@@ -155,7 +155,8 @@ class Task:
 
     def _check_out(self, out: torch.Tensor, y: torch.Tensor) -> None:
         if self.loss_name == "cross_entropy":
-            ok = out.dim() == y.dim() + 1 and tuple(out.shape[:-1]) == tuple(y.shape) and out.shape[-1] == self.output_size
+            ok = (out.dim() == y.dim() + 1 and tuple(out.shape[:-1]) == tuple(y.shape)
+                  and out.shape[-1] == self.output_size)
             want = f"{tuple(y.shape) + (self.output_size,)}"
         else:
             ok = out.numel() == y.numel() and out.shape[0] == y.shape[0]

@@ -32,8 +32,9 @@ class Adding(Task):
 
     ``variant="hochreiter"`` (Hochreiter & Schmidhuber 1997, experiment 4): values U[-1, 1]; marker
     channel -1 at the first and last step, 0 elsewhere, +1 at the two marked steps: one of the first
-    ten, one of the first ``T//2 - 1`` not yet marked; if step 0 is marked its value X1 is set to 0
-    (``zero_first``); T >= 22 so that the second range excludes no first position. Target ``0.5 + (X1 + X2)/4``; a sequence is correct if |error| < 0.04, solved
+    ten, one of the first ``T//2 - 1`` not yet marked; if step 0 is marked by the first pick its
+    value X1 is set to 0 (``zero_first``); T >= 22, so the second range holds every first pick.
+    Target ``0.5 + (X1 + X2)/4``; a sequence is correct if |error| < 0.04, solved
     when every evaluated sequence is. Lengths are fixed at T (the paper draws them from [T, T+T/10]).
     The constant prediction 0.5 has MSE 1/24 without the X1 = 0 rule and (1/3·0.9 + 1/3)/16 =
     19/480 ≈ 0.0396 with it; its accuracy is a - a²/4 with a = 0.16 (0.1536), resp.

@@ -112,7 +112,9 @@ class CharLM(Task):
         _positive_int(self.name, "max_chars", self.max_chars, 1)
         n = len(self._data().ids)
         if n < self.T + 1:
-            raise TaskError(f"char_lm: the text of {self._source_name()} has {n} characters, fewer than T+1 = {self.T + 1}")
+            raise TaskError(
+                f"char_lm: the text of {self._source_name()} has {n} characters, fewer than T+1 = {self.T + 1}"
+            )
 
     def _source_name(self) -> str:
         return "the standard library" if self.path is None else str(self.path)
@@ -238,10 +240,10 @@ class Forecast(Task):
         return None
 
     def _post(self):
-        _positive_int(self.name, "T", self.T, 1)  # type: ignore[attr-defined]
+        T = _positive_int(self.name, "T", self.T, 1)  # type: ignore[attr-defined]
         n = len(self.series())
-        if n < self.T + 1:  # type: ignore[attr-defined]
-            raise TaskError(f"{self.name}: the series has {n} steps, fewer than T+1 = {self.T + 1}")  # type: ignore[attr-defined]
+        if n < T + 1:
+            raise TaskError(f"{self.name}: the series has {n} steps, fewer than T+1 = {T + 1}")
 
     @property
     def n_features(self) -> int:
@@ -305,8 +307,9 @@ class Stocks(Forecast):
     IBM, AAPL, MSFT, XRX, AMZN, DELL, GOOGL, ADBE, ^GSPC, ^IXIC), the last quote of each month.
     ``transform="log_return"`` (default: log(p_t/p_{t-1})) or ``"log_level"`` (log p_t), z-scored.
     Series that start later (AMZN 1997, GOOGL 2004, DELL 2016) begin at the first month all chosen
-    symbols quote; a series with a gap after that is refused. Token classes (regimes of the first symbol): 0 bull, 1 bear
-    (price >= 20% below its running peak) — the 2000–2002 and 2007–2009 bear markets among them.
+    symbols quote; a series with a gap after that is refused. Token classes (regimes of the first
+    symbol): 0 bull, 1 bear (price >= 20% below its running peak) — the 2000–2002 and 2007–2009
+    bear markets among them.
     """
 
     name = "stocks"

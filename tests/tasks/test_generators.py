@@ -79,7 +79,8 @@ def test_labels_are_the_targets_of_the_inputs(name, opts, xshape, yshape):
     np.testing.assert_allclose(np.asarray(y, dtype=np.float64).reshape(b.y.shape), b.y.numpy(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["checksum", "irrelevant_tokens", "segments", "agreement", "temporal_order", "copy_memory"])
+@pytest.mark.parametrize("name", ["checksum", "irrelevant_tokens", "segments", "agreement", "temporal_order",
+                                  "copy_memory"])
 def test_labels_are_balanced(name):
     task = get_task(name)
     y = task.sample(4000, seed=1).y.numpy()
