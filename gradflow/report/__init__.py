@@ -21,7 +21,7 @@ from .fig_gradients import fig_distance, fig_gradnorm_heatmap
 from .fig_jacobians import fig_products, fig_spectra
 from .fig_training import fig_clipping, fig_gates
 from .load import RunInfo, RunSet, StudyInfo, load_runs
-from .sections import plan
+from .sections import plan, verdict_table
 
 __all__ = [
     "build_report",
@@ -30,6 +30,7 @@ __all__ = [
     "RunInfo",
     "StudyInfo",
     "plan",
+    "verdict_table",
     "fig_gradnorm_heatmap",
     "fig_distance",
     "fig_spectra",

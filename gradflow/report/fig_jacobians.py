@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D
 
 from ..errors import GradflowError
 from ._style import (
+    NONFINITE_COLOR,
     PAGE_WIDTH,
     grid_shape,
     log10_axis,
@@ -156,6 +157,8 @@ def product_ylim(products: pd.DataFrame) -> tuple[float, float, float]:
     the bottom (the panel then says how far). Returns (low, high, lowest finite value)."""
     v = products["log10_sigma"].to_numpy(float)
     fin = np.isfinite(v)
+    if not fin.any():
+        return -1.0, 1.0, float("nan")
     lowest, highest = float(v[fin].min()), float(v[fin].max())
     top = products.groupby(["run", "key"], sort=False)["rank"].transform(lambda r: r.rank(method="dense"))
     tv = v[(top.to_numpy() <= 3) & fin]
@@ -209,8 +212,13 @@ def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | 
                                     color=cmap(norm(rank)), lw=1.0)
                     ln.set_gid(f"product|{run}|{key}|{rank}")
                 ax.axhline(0.0, color="black", ls="--", lw=0.9)
-                smin = float(np.nanmin(np.where(np.isfinite(s["log10_sigma"]), s["log10_sigma"], np.nan)))
-                if smin < ylo:
+                fin = s["log10_sigma"].to_numpy(float)
+                fin = fin[np.isfinite(fin)]
+                smin = float(fin.min()) if fin.size else float("nan")
+                if not fin.size:
+                    ax.text(0.5, 0.5, "no finite value (all σ exactly 0 or NaN)", transform=ax.transAxes,
+                            ha="center", va="center", fontsize=7.5, color=NONFINITE_COLOR)
+                elif smin < ylo:
                     ax.text(0.03, 0.03, f"smaller σ continue down to {pow10_text(math.floor(smin))}",
                             transform=ax.transAxes, fontsize=6.5, color="0.2", va="bottom",
                             bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=1.5))

@@ -76,7 +76,7 @@ def render_html(rs: RunSet, sections: list[Section], omitted: list[Omitted], tit
     for r in rs.runs:
         links = [{"href": relative_href(r.path / "run.json", html_dir), "text": "run.json"}]
         links += [{"href": relative_href(r.path / f"{n}.csv", html_dir), "text": f"{n}.csv"} for n in r.tables]
-        raw.append(dict(label=r.label, path=relative_href(r.path, html_dir), links=links))
+        raw.append(dict(label=r.label, path=Path(os.path.relpath(r.path.resolve(), html_dir)).as_posix(), links=links))
     studies = [dict(name=st.name, claim=st.claim, runs=list(st.runs)) for st in rs.studies]
     return _template().render(
         title=title, version=__version__, css=_css(), runs=run_rows(rs), studies=studies,

@@ -19,7 +19,7 @@ from .fig_jacobians import fig_products, fig_spectra
 from .fig_training import clip_rates, fig_clipping, fig_gates
 from .load import RunSet, fmt_number
 
-__all__ = ["Section", "Table", "plan", "run_rows", "RUN_COLUMNS"]
+__all__ = ["Section", "Table", "plan", "run_rows", "RUN_COLUMNS", "verdict_table"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,14 @@ def _flag_notes(rs: RunSet, names) -> list[str]:
     return notes
 
 
+def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The verdicts as a display frame (run, state, verdict, detail, kind), e.g. for a terminal;
+    ``kind`` is vanishing / exploding / nonfinite / ok / neutral."""
+    out = summary[["run", "key", "verdict", "detail"]].rename(columns={"key": "state"}).reset_index(drop=True)
+    out["kind"] = [verdict_class(v) for v in out["verdict"]]
+    return out
+
+
 def _summary(rs: RunSet, have) -> Section:
     s = rs.table("summary")
     flagged = {r.label for r in rs.runs if r.flagged}
@@ -256,10 +264,18 @@ def _spectra(rs: RunSet, have) -> Section:
     notes = _coverage_notes(rs, have)
     if sp is None:
         notes.append("spectra.csv is absent: the distribution of singular values is not shown.")
+    else:
+        v = sp["sigma"].to_numpy(float)
+        if not (np.isfinite(v) & (v > 0)).any():
+            notes.append("Every singular value in spectra.csv is 0 or non-finite: no distribution can be drawn "
+                         "on a log axis.")
+            sp = None
     if ss is None:
         notes.append("spectra_summary.csv is absent: σ_max and spectral radius over time are not shown.")
     elif not np.isfinite(ss["spectral_radius"].to_numpy(float)).any():
         notes.append("The spectral radius was not computed (all NaN in spectra_summary.csv): only σ_max is shown.")
+    if sp is None and ss is None:  # nothing drawable: the notes say why
+        return Section("spectra", TITLES["spectra"], EXPLAIN["spectra"], have, tuple(notes))
     return Section(
         "spectra", TITLES["spectra"], EXPLAIN["spectra"], have, tuple(notes),
         draw=lambda target=None: fig_spectra(sp, ss, target=target),

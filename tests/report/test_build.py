@@ -224,3 +224,18 @@ def test_plotting_is_lazy_and_the_users_backend_is_kept(tmp_path, small_run):
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "template", "0"]
+
+
+def test_verdict_table_classifies_verdicts(runset):
+    from gradflow.report import verdict_table
+
+    v = verdict_table(runset.table("summary"))
+    assert list(v.columns) == ["run", "state", "verdict", "detail", "kind"]
+    assert dict(zip(v["run"] + " " + v["state"], v["kind"]))["rnn_tanh rnn/l0/d0/h"] == "vanishing"
+    assert set(v["kind"]) == {"vanishing", "ok", "exploding"}
+    import pandas as pd
+
+    more = pd.DataFrame({"run": ["a"] * 3, "key": ["k"] * 3, "verdict": [
+        "non-finite: 3 NaN/Inf gradient(s), first at t=4", "stable within the sequence: ...", "no evidence"],
+        "detail": [""] * 3})
+    assert list(verdict_table(more)["kind"]) == ["nonfinite", "ok", "neutral"]

@@ -301,3 +301,47 @@ def test_user_backend_and_pyplot_untouched(runset):
     fig_distance(runset.table("distance"), runset.table("decay"))
     assert matplotlib.rcParams._get_backend_or_none() == before
     assert plt.get_fignums() == []
+
+
+def _set(df, cols, value):
+    df = df.copy()
+    for c in cols:
+        df[c] = value
+    return df
+
+
+Q = ["q05", "q25", "q50", "q75", "q95"]
+DEGENERATE = {
+    "heatmap all NaN": lambda t: fig_gradnorm_heatmap(_set(t("gradnorms"), ["q50"], np.nan)),
+    "heatmap all zero": lambda t: fig_gradnorm_heatmap(_set(t("gradnorms"), ["q50"], -np.inf)),
+    "distance all zero, no fit": lambda t: fig_distance(_set(t("distance"), Q, -np.inf),
+                                                        _set(t("decay"), ["decay_rate", "horizon"], np.nan)),
+    "distance all NaN": lambda t: fig_distance(_set(t("distance"), Q, np.nan), t("decay")),
+    "spectra summary NaN": lambda t: fig_spectra(t("spectra"), _set(t("spectra_summary"),
+                                                                     ["sigma_max", "spectral_radius"], np.nan)),
+    "products all zero": lambda t: fig_products(_set(t("products"), ["log10_sigma"], -np.inf),
+                                                _set(t("lyapunov"), ["exponent", "stderr"], np.nan)),
+    "gates all NaN": lambda t: fig_gates(_set(t("gates"), ["mean", "q25", "q50", "q75"], np.nan)),
+    "clipping all NaN": lambda t: fig_clipping(_set(t("metrics"), ["loss", "grad_norm_before", "grad_norm_after"],
+                                                    np.nan), _set(t("clip_timesteps"), ["log10_norm"], -np.inf)),
+}
+
+
+@pytest.mark.parametrize("case", list(DEGENERATE))
+def test_degenerate_values_still_draw(runset, case):
+    """All-NaN / all-zero columns (a diverged or fully underflowed run) draw without error or warning
+    (layout is left to the build tests: drawing every artist is what can fail here)."""
+    import warnings
+
+    from gradflow.report._style import savefig_bytes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = DEGENERATE[case](runset.table)
+        fig.set_layout_engine("none")
+        assert savefig_bytes(fig, "png").startswith(b"\x89PNG")
+
+
+def test_spectra_without_positive_sigma_raises(runset):
+    with pytest.raises(GradflowError, match="no positive finite singular value"):
+        fig_spectra(_set(runset.table("spectra"), ["sigma"], 0.0), None)
