@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,12 +57,12 @@ def test_orthogonal_and_identity_init(cell, gain):
 
 @pytest.mark.parametrize("gain", [0.8, 2.0])
 def test_gaussian_init(gain):
-    H = 400
+    H = 200
     m = get_model("rnn_relu", input_size=2, output_size=1, hidden=H, init="gaussian", gain=gain, seed=1)
     W = m.rnn.weight_hh_l0.detach().double()
     assert float(W.mean()) == pytest.approx(0.0, abs=4 * gain / math.sqrt(H) / H)
-    assert float(W.std()) == pytest.approx(gain / math.sqrt(H), rel=0.02)
-    radius = float(torch.linalg.eigvals(W).abs().max())  # circular law: spectral radius ~ gain
+    assert float(W.std()) == pytest.approx(gain / math.sqrt(H), rel=0.03)
+    radius = float(np.abs(np.linalg.eigvals(W.numpy())).max())  # circular law: spectral radius ~ gain
     assert radius == pytest.approx(gain, rel=0.1)
 
 

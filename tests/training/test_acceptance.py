@@ -40,6 +40,7 @@ LENGTHS = (20, 50, 100)
 
 @pytest.fixture(scope="module")
 def checksum_runs():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     runs = {}
     for T in LENGTHS:
@@ -47,6 +48,7 @@ def checksum_runs():
             runs[cell, T] = train_task(
                 "checksum", cell, task_options=dict(T=T, **CHECKSUM_TASK), model_options=mopts, steps=400,
                 batch=32, lr=lr, seed=0, schedule=Schedule(steps=(0,)), eval_batch=256, progress=False)
+    torch.set_num_threads(threads)
     return runs
 
 

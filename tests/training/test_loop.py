@@ -219,7 +219,7 @@ def test_killed_run_leaves_a_readable_directory(tmp_path):
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
-            if (d / "gradnorms.csv").exists() and len(pd.read_csv(d / "metrics.csv")) >= 30:
+            if (d / "gradnorms.csv").exists() and len(pd.read_csv(d / "metrics.csv")) >= 15:
                 break
             time.sleep(0.2)
         else:
@@ -231,7 +231,7 @@ def test_killed_run_leaves_a_readable_directory(tmp_path):
     assert doc["status"] == "running" and doc["meta"]["finished"] is None
     m = pd.read_csv(d / "metrics.csv")
     check_columns("metrics", m.columns)
-    assert m["step"].tolist() == list(range(len(m))) and len(m) >= 30
+    assert m["step"].tolist() == list(range(len(m))) and len(m) >= 15
     g = pd.read_csv(d / "gradnorms.csv")
     assert set(g["step"]) <= set(range(0, len(m) + 7, 7))
     assert all(p.name in {"run.json", "metrics.csv", "gradnorms.csv", "clip_timesteps.csv"} or p.name.startswith(".")
