@@ -239,3 +239,14 @@ def test_verdict_table_classifies_verdicts(runset):
         "non-finite: 3 NaN/Inf gradient(s), first at t=4", "stable within the sequence: ...", "no evidence"],
         "detail": [""] * 3})
     assert list(verdict_table(more)["kind"]) == ["nonfinite", "ok", "neutral"]
+
+
+def test_stylesheet_is_inlined_verbatim(built):
+    """The CSS is package data, inlined unescaped (an escaped quote would void a whole rule)."""
+    from importlib import resources
+
+    paths, _ = built
+    css = resources.files("gradflow.report").joinpath("templates", "report.css").read_text(encoding="utf-8")
+    text = paths["html"].read_text(encoding="utf-8")
+    assert css.strip() in text
+    assert "&#34;" not in text[: text.index("</style>")]
