@@ -23,7 +23,6 @@ from matplotlib.ticker import FuncFormatter, Locator, MaxNLocator, NullLocator
 from ..errors import GradflowError
 
 PAGE_WIDTH = 8.0  # inches: fits A4 / Letter with margins
-FLOAT32_TINY_LOG10 = math.log10(float(np.finfo(np.float32).tiny))  # smallest normal ~1.2e-38
 FLOAT32_SUBNORMAL_LOG10 = math.log10(float(np.finfo(np.float32).smallest_subnormal))  # ~1.4e-45
 UNDERFLOW_COLOR = "#bdbdbd"
 NONFINITE_COLOR = "#d62728"
@@ -164,14 +163,6 @@ def palette(labels: Sequence[str]) -> dict[str, tuple]:
     return {lab: base[i] for i, lab in enumerate(labels)}
 
 
-LINESTYLES = ("-", "--", ":", "-.")
-
-
-def key_styles(keys: Iterable[str]) -> dict[str, str]:
-    keys = list(dict.fromkeys(keys))
-    return {k: LINESTYLES[i % len(LINESTYLES)] for i, k in enumerate(keys)}
-
-
 def series_label(run: str, key: str, keys_of_run: Sequence[str]) -> str:
     """``run`` when the run has one key in the table, else ``run · key``."""
     return run if len(set(keys_of_run)) <= 1 else f"{run} · {key}"
@@ -207,22 +198,6 @@ def _metadata(fmt: str):
     return None
 
 
-def legend_below(fig_or_ax, handles, labels, ncol: int | None = None, title: str | None = None):
-    """Put a legend outside the plotting area (constrained layout keeps it clear of the axes)."""
-    if not handles:
-        return None
-    ncol = ncol or min(len(handles), 4)
-    return fig_or_ax.legend(handles, labels, loc="outside lower center", ncol=ncol, title=title, frameon=False)
-
-
-def rounded_range(values: np.ndarray) -> tuple[float, float] | None:
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return None
-    return float(v.min()), float(v.max())
-
-
 def span_decades(values) -> float:
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v) & (v > 0)]
@@ -230,6 +205,3 @@ def span_decades(values) -> float:
         return 0.0
     return float(np.log10(v.max() / v.min()))
 
-
-def as_mapping(m: Mapping | None) -> Mapping:
-    return {} if m is None else m

@@ -46,6 +46,7 @@ def relative_href(target: Path, html_dir: Path) -> str:
 
 
 def flagged_lines(rs: RunSet) -> list[str]:
+    """``label: status [at step N] (path)`` for every run that did not finish normally."""
     out = []
     for r in rs.runs:
         if r.flagged:

@@ -8,7 +8,7 @@ list of the sections left out with the reason. HTML and PDF render the same plan
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -131,8 +131,6 @@ def plan(rs: RunSet) -> tuple[list[Section], list[Omitted]]:
     out, omitted = [], []
     for sid in TITLES:
         have = [t for t in NEEDS[sid] if rs.has(t)]
-        if sid == "distance" and not rs.has("distance"):
-            have = []
         if not have:
             files = " or ".join(f"{t}.csv" for t in NEEDS[sid])
             omitted.append(Omitted(sid, TITLES[sid], f"No run has {files} with rows, so this section is left out."))
@@ -162,12 +160,17 @@ def _flag_notes(rs: RunSet, names) -> list[str]:
     for n in names:
         if rs.has(n):
             shown |= set(rs.table(n)["run"])
-    notes = []
-    for r in rs.runs:
-        if r.label in shown and r.flagged:
-            at = f" at step {r.diverged_at}" if r.diverged_at is not None else ""
-            notes.append(f"⚠ {r.label} {r.status}{at}: its values after that point may be NaN/Inf (marked red).")
-    return notes
+    return [flag_text(r) for r in rs.runs if r.label in shown and r.flagged]
+
+
+def flag_text(r) -> str:
+    """One warning line for a run that did not finish normally."""
+    if r.status == "diverged":
+        at = f" at step {r.diverged_at}" if r.diverged_at is not None else ""
+        return f"⚠ {r.label} diverged{at}: values from there on may be NaN/Inf (marked red)."
+    if r.status == "running":
+        return f"⚠ {r.label} was still running when this report was built: its tables may be incomplete."
+    return f"⚠ {r.label} {r.status}: its tables may be incomplete."
 
 
 def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -221,18 +224,20 @@ def _gradnorms(rs: RunSet, have) -> Section:
 
 
 def _distance(rs: RunSet, have) -> Section:
-    d = rs.table("distance")
+    d = rs.table("distance") if rs.has("distance") else None
     dec = rs.table("decay") if rs.has("decay") else None
     notes = _coverage_notes(rs, have) + _flag_notes(rs, have)
-    if dec is None:
+    if d is None:
+        notes.append("distance.csv is absent: only the fitted decay table is shown.")
+    elif dec is None:
         notes.append("decay.csv is absent: no fitted decay rate or memory horizon is marked.")
     else:
         notes.append("The dashed fit uses the analysis' slope (decay_rate); its intercept is the least-squares "
                      "one for that slope, since decay.csv stores no intercept.")
-    if "frac_nonfinite" in d.columns:
+    if d is not None and "frac_nonfinite" in d.columns:
         for run in dict.fromkeys(d.loc[d["frac_nonfinite"] > 0, "run"]):
             notes.append(f"{run}: NaN/Inf gradients at some distances (red crosses at the top).")
-    for run in dict.fromkeys(d.loc[d["frac_zero"] > 0, "run"]):
+    for run in dict.fromkeys(d.loc[d["frac_zero"] > 0, "run"]) if d is not None else ():
         fz = d.loc[d["run"] == run, "frac_zero"]
         notes.append(f"{run}: float32 underflow, up to {fz.max():.0%} of gradients exactly 0 at some distances.")
     table = None
@@ -252,7 +257,7 @@ def _distance(rs: RunSet, have) -> Section:
                        "horizon (steps)", "horizon threshold", "float32 underflow"), tuple(rows))
     return Section(
         "distance", TITLES["distance"], EXPLAIN["distance"], have, tuple(notes),
-        draw=lambda target=None: fig_distance(d, dec, target=target),
+        draw=None if d is None else (lambda target=None: fig_distance(d, dec, target=target)),
         alt="Gradient norm against temporal distance per run with fitted decay and memory horizon",
         table=table, table_caption="Fitted decay per run and state (decay.csv)",
     )
@@ -364,7 +369,3 @@ def run_rows(rs: RunSet) -> Table:
                      fmt_number(r.meta.get("finished")), vtext))
         classes.append("flagged" if r.flagged else "")
     return Table(RUN_COLUMNS, tuple(rows), tuple(classes))
-
-
-def frame(table: Table) -> pd.DataFrame:
-    return pd.DataFrame(list(table.rows), columns=list(table.columns))

@@ -250,3 +250,25 @@ def test_stylesheet_is_inlined_verbatim(built):
     text = paths["html"].read_text(encoding="utf-8")
     assert css.strip() in text
     assert "&#34;" not in text[: text.index("</style>")]
+
+
+def test_decay_without_distance_shows_the_table_only(tmp_path):
+    d = make_run(tmp_path / "runs" / "rnn", "rnn_tanh", tables=("decay",))
+    sections, omitted = plan(load_runs([d]))
+    (dist,) = [s for s in sections if s.id == "distance"]
+    assert dist.draw is None and dist.table is not None and len(dist.table.rows) == 1
+    assert any("distance.csv is absent" in n for n in dist.notes)
+    out = build_report([d], html=tmp_path / "r.html")
+    page = parse(out["html"])
+    assert "distance" in page.ids and not page.imgs
+
+
+@pytest.mark.parametrize("status, words", [("running", "still running"), ("failed", "failed: its tables may be")])
+def test_unfinished_runs_are_flagged(tmp_path, status, words):
+    d = make_run(tmp_path / "runs" / "rnn", "rnn_tanh", tables=("summary",))
+    meta = json.loads((d / "run.json").read_text())
+    meta["status"] = status
+    (d / "run.json").write_text(json.dumps(meta))
+    text = build_report([d], html=tmp_path / "r.html")["html"].read_text(encoding="utf-8")
+    assert 'id="flagged"' in text and f"rnn_tanh: {status}" in text
+    assert words in text
