@@ -303,8 +303,24 @@ def _products(rs: RunSet, have) -> Section:
     )
 
 
+def name_token_classes(gates: pd.DataFrame, rs: RunSet) -> pd.DataFrame:
+    """Integer token classes ("0", "1", ...) replaced by the task's ``class_names`` from run.json
+    (e.g. key / blank / noise) where the run records them; other values are kept."""
+    out = gates.copy()
+    for r in rs.runs:
+        names = r.task.get("class_names")
+        if not isinstance(names, (list, tuple)) or not names:
+            continue
+        sel = out["run"] == r.label
+        out.loc[sel, "token_class"] = [
+            str(names[int(c)]) if str(c).isdigit() and int(c) < len(names) else c
+            for c in out.loc[sel, "token_class"]
+        ]
+    return out
+
+
 def _gates(rs: RunSet, have) -> Section:
-    g = rs.table("gates")
+    g = name_token_classes(rs.table("gates"), rs)
     notes = _coverage_notes(rs, have)
     if set(g["token_class"]) == {"all"}:
         notes.append("The task has no token classes: one line per gate.")

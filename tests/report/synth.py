@@ -43,7 +43,7 @@ def make_run(d: Path, label: str, tables: tuple[str, ...] | None = None) -> Path
         "kind": "run", "schema_version": 1, "name": label.replace("+", "_"), "label": label,
         "status": cfg["status"], "diverged_at": cfg.get("diverged_at"),
         "spec": {"task": "adding", "cell": cfg["cell"]},
-        "task": {"name": "adding", "T": T, "chance": 0.167},
+        "task": {"name": "adding", "T": T, "chance": 0.167, "class_names": ["relevant", "irrelevant"]},
         "model": {"cell": cfg["cell"], "hidden": HIDDEN, "layers": 1, "n_params": 1234},
         "clip": {"mode": "norm" if cfg["clip"] else "none", "threshold": cfg["clip"]},
         "meta": {"versions": {"torch": "2.5.0", "gradflow": "0.1.0"}, "seed": 7, "device": "cpu",
@@ -130,9 +130,9 @@ def make_run(d: Path, label: str, tables: tuple[str, ...] | None = None) -> Path
     if "gates" in cfg:
         rows = []
         for gate in cfg["gates"]:
-            for cls in ("relevant", "irrelevant"):
+            for cls in ("0", "1"):  # indices into task.class_names, as the analysis writes them
                 for t in range(T):
-                    m = 0.9 if (gate == "f" and cls == "irrelevant") else 0.5 + 0.004 * t
+                    m = 0.9 if (gate == "f" and cls == "1") else 0.5 + 0.004 * t
                     rows.append(dict(run=label, key="rnn/l0/d0/h", gate=gate, t=t, token_class=cls, mean=m,
                                      q25=m - 0.1, q50=m, q75=m + 0.05))
         put("gates", rows)

@@ -272,3 +272,16 @@ def test_unfinished_runs_are_flagged(tmp_path, status, words):
     text = build_report([d], html=tmp_path / "r.html")["html"].read_text(encoding="utf-8")
     assert 'id="flagged"' in text and f"rnn_tanh: {status}" in text
     assert words in text
+
+
+def test_token_classes_are_named_from_the_task(runset):
+    from gradflow.report.sections import name_token_classes
+
+    g = name_token_classes(runset.table("gates"), runset)
+    assert set(g["token_class"]) == {"relevant", "irrelevant"}
+    assert (runset.table("gates")["token_class"] == "0").any()  # the input is left alone
+    sections, _ = plan(runset)
+    (gates,) = [s for s in sections if s.id == "gates"]
+    fig = gates.draw()
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert legend == ["relevant", "irrelevant"]

@@ -241,12 +241,12 @@ def test_gate_lines_per_class(runset):
     titles = axes_by_title(fig)
     assert "lstm: forget gate f" in titles
     legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
-    assert legend == ["relevant", "irrelevant"]
+    assert legend == ["0", "1"]
 
 
 def test_gates_without_classes_have_one_line_per_gate(runset):
     g = runset.table("gates")
-    g = g[g["token_class"] == "relevant"].assign(token_class="all")
+    g = g[g["token_class"] == "0"].assign(token_class="all")
     fig = fig_gates(g)
     assert len(artists(fig, "gate|")) == g["gate"].nunique()
 
