@@ -62,7 +62,8 @@ def fig_gradnorm_heatmap(gradnorms: pd.DataFrame, *, target: Callable | None = N
     One panel per (run, key) in first-seen order, each with its own colour scale and colour bar (a
     vanishing run spans tens of decades and would flatten every other panel on a shared scale; the
     distance figure compares runs on one axis), rows are the recorded steps (equal height, labelled with the step number), columns the timesteps.
-    Cells whose median is -inf (exact zero: float32 underflow) are grey, NaN/+inf cells red, and a
+    Cells whose median is -inf (exactly zero: float32 underflow, or no path to the loss such as an
+    LSTM cell state at the last step) are grey, NaN/+inf cells red, and a
     red dot marks finite cells where some batch items were non-finite (``frac_nonfinite > 0``).
     """
     require(gradnorms, "gradnorms", ("run", "key", "step", "t", "q50", "frac_nonfinite"))
@@ -124,7 +125,7 @@ def fig_gradnorm_heatmap(gradnorms: pd.DataFrame, *, target: Callable | None = N
             ax.remove()
         handles = []
         if any_under:
-            handles.append(Patch(color=UNDERFLOW_COLOR, label="exact 0 in float32 (underflow)"))
+            handles.append(Patch(color=UNDERFLOW_COLOR, label="exactly 0 (float32 underflow, or no path to the loss)"))
         if any_nonfin:
             handles.append(Patch(color=NONFINITE_COLOR, label="NaN / Inf (dot: some of the batch)"))
         if handles:
@@ -246,7 +247,7 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
         if any_hz:
             handles.append(Line2D([], [], color="0.3", ls=":", lw=1.4, label="memory horizon"))
         if any_under:
-            handles.append(Line2D([], [], color="0.3", marker="v", ls="", label="some exact 0 (float32 underflow)"))
+            handles.append(Line2D([], [], color="0.3", marker="v", ls="", label="some exactly 0 (underflow / no path)"))
         if any_nonfin:
             handles.append(Line2D([], [], color=NONFINITE_COLOR, marker="x", ls="", label="some NaN/Inf"))
         if near_limit:

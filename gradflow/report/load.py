@@ -63,11 +63,20 @@ class RunInfo:
     spec: Mapping[str, Any]
     study: str | None
     tables: tuple[str, ...]
+    result: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def flagged(self) -> bool:
         """True when the run did not finish normally (diverged, failed or still running)."""
         return self.status != "finished"
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Library versions from ``meta.versions`` (or flat ``meta`` keys as the training loop writes)."""
+        v = self.meta.get("versions")
+        if isinstance(v, Mapping):
+            return {str(k): str(x) for k, x in v.items()}
+        return {k: str(self.meta[k]) for k in ("gradflow", "torch", "numpy", "python") if k in self.meta}
 
     @property
     def clip_text(self) -> str:
@@ -261,7 +270,7 @@ def _read_run_json(d: Path) -> dict:
     da = meta.get("diverged_at")
     if da is not None and (isinstance(da, bool) or not isinstance(da, int)):
         raise GradflowError(f"{f}: 'diverged_at' must be an integer step or null, not {da!r}")
-    for k in ("spec", "task", "model", "clip", "meta"):
+    for k in ("spec", "task", "model", "clip", "meta", "result"):
         if meta.get(k) is not None and not isinstance(meta[k], dict):
             raise GradflowError(f"{f}: {k!r} must be a JSON object")
     return meta
@@ -300,6 +309,7 @@ def _run_info(meta: dict, d: Path, label: str, study: str | None, tables: tuple[
         spec=obj("spec"),
         study=study,
         tables=tables,
+        result=obj("result"),
     )
 
 

@@ -63,7 +63,9 @@ EXPLAIN = {
         "gradient enters at the right edge and flows leftwards through the recurrence: colour fading "
         "towards the left means it vanishes with distance, brightening means it explodes. Each panel "
         "has its own logarithmic colour scale (read the colour bar; compare runs in the next figure). "
-        "Grey cells: the gradient was exactly 0 in float32 (underflow, not a true zero); red: NaN or Inf."
+        "Grey cells: the median gradient was exactly 0, either float32 underflow (the true value is below "
+        "float32 range, not zero) or no path to the loss at that step (an LSTM cell state at the last step); "
+        "red: NaN or Inf."
     ),
     "distance": (
         "Median gradient norm against temporal distance (how many steps separate the state from the "
@@ -147,12 +149,12 @@ def _missing_runs(rs: RunSet, name: str) -> list[str]:
 
 
 def _coverage_notes(rs: RunSet, names) -> list[str]:
-    notes = []
+    """"Not shown for RUN: no rows in a.csv, b.csv." for each run lacking some of the tables."""
+    missing: dict[str, list[str]] = {}
     for n in names:
-        miss = _missing_runs(rs, n)
-        if miss:
-            notes.append(f"Not shown for {', '.join(miss)}: no rows in {n}.csv.")
-    return notes
+        for run in _missing_runs(rs, n):
+            missing.setdefault(run, []).append(f"{n}.csv")
+    return [f"Not shown for {run}: no rows in {', '.join(files)}." for run, files in missing.items()]
 
 
 def _flag_notes(rs: RunSet, names) -> list[str]:
@@ -215,7 +217,7 @@ def _gradnorms(rs: RunSet, have) -> Section:
     notes = _coverage_notes(rs, have) + _flag_notes(rs, have)
     under = g.loc[np.isneginf(g["q50"].to_numpy(float)), "run"]
     for run in dict.fromkeys(under):
-        notes.append(f"{run}: some cells are grey, the median gradient was exactly 0 in float32 (underflow).")
+        notes.append(f"{run}: some cells are grey (median gradient exactly 0).")
     return Section(
         "gradnorms", TITLES["gradnorms"], EXPLAIN["gradnorms"], have, tuple(notes),
         draw=lambda target=None: fig_gradnorm_heatmap(g, target=target),
@@ -239,7 +241,8 @@ def _distance(rs: RunSet, have) -> Section:
             notes.append(f"{run}: NaN/Inf gradients at some distances (red crosses at the top).")
     for run in dict.fromkeys(d.loc[d["frac_zero"] > 0, "run"]) if d is not None else ():
         fz = d.loc[d["run"] == run, "frac_zero"]
-        notes.append(f"{run}: float32 underflow, up to {fz.max():.0%} of gradients exactly 0 at some distances.")
+        notes.append(f"{run}: up to {fz.max():.0%} of gradients exactly 0 at some distances (float32 underflow, "
+                     "or no path to the loss).")
     table = None
     if dec is not None:
         rows = []
@@ -363,8 +366,18 @@ _BUILD = {
     "clipping": _clipping,
 }
 
-RUN_COLUMNS = ("run", "status", "study", "task", "model", "parameters", "clipping", "seed", "device",
-               "finished", "versions")
+RUN_COLUMNS = ("run", "status", "study", "task", "model", "parameters", "clipping", "final metric", "seed",
+               "device", "finished", "versions")
+
+
+def _result_text(r) -> str:
+    """e.g. "0.562 (chance 0.25)" or "0.98 (chance 0.25), solved" from run.json's result."""
+    m = r.result.get("eval_metric")
+    if not isinstance(m, (int, float)) or isinstance(m, bool):
+        return "—"
+    chance = r.result.get("chance", r.task.get("chance"))
+    text = f"{m:.3g}" + (f" (chance {chance:.3g})" if isinstance(chance, (int, float)) else "")
+    return text + (", solved" if r.result.get("solved") is True else "")
 
 
 def run_rows(rs: RunSet) -> Table:
@@ -378,10 +391,9 @@ def run_rows(rs: RunSet) -> Table:
             model += f", hidden {r.model['hidden']}"
         if "layers" in r.model:
             model += f" × {r.model['layers']} layer" + ("s" if r.model["layers"] != 1 else "")
-        versions = r.meta.get("versions")
-        vtext = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else fmt_number(versions)
+        vtext = ", ".join(f"{k} {v}" for k, v in r.versions.items()) or "—"
         rows.append((r.label, status, r.study or "—", task, model, fmt_number(r.model.get("n_params")),
-                     r.clip_text, fmt_number(r.meta.get("seed")), fmt_number(r.meta.get("device")),
+                     r.clip_text, _result_text(r), fmt_number(r.meta.get("seed")), fmt_number(r.meta.get("device")),
                      fmt_number(r.meta.get("finished")), vtext))
         classes.append("flagged" if r.flagged else "")
     return Table(RUN_COLUMNS, tuple(rows), tuple(classes))

@@ -113,6 +113,7 @@ def test_html_shows_metadata_verdicts_and_flags_diverged_run(built):
     for label in RUNS:
         assert f"<td>{label.replace('+', '+')}</td>" in text
     assert "clip norm ≤ 1" in text and "adding, T=80" in text
+    assert "0.9 (chance 0.167), solved" in text and "torch 2.5.0, gradflow 0.1.0" in text
     assert text.count("How to read it") == len(ALL_SECTIONS)
     assert 'class="vanishing' in text and 'class="exploding' in text
 

@@ -35,6 +35,19 @@ def test_study_loads_all_runs_in_order_with_tables_concatenated(study_dir):
     assert r.status == "diverged" and r.diverged_at == 60 and r.flagged
     assert not rs.run("lstm").flagged
     assert rs.run("rnn_tanh+clip").clip_text == "clip norm ≤ 1"
+    assert rs.run("lstm").versions == {"torch": "2.5.0", "gradflow": "0.1.0"}
+    assert rs.run("lstm").result["solved"] is True
+
+
+def test_versions_from_flat_meta(tmp_path):
+    d = make_run(tmp_path / "r", "lstm", tables=())
+    meta = json.loads((d / "run.json").read_text())
+    meta["meta"] = {"torch": "2.13.0", "gradflow": "0.1.0", "seed": 0}
+    del meta["result"]
+    (d / "run.json").write_text(json.dumps(meta))
+    r = load_runs(d).runs[0]
+    assert r.versions == {"gradflow": "0.1.0", "torch": "2.13.0"}
+    assert dict(r.result) == {}
 
 
 def test_absent_table_is_empty_with_schema_columns(tmp_path):
