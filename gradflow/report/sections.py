@@ -8,6 +8,7 @@ list of the sections left out with the reason. HTML and PDF render the same plan
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -370,6 +371,12 @@ RUN_COLUMNS = ("run", "status", "study", "task", "model", "parameters", "clippin
                "device", "finished", "versions")
 
 
+def _when(stamp) -> str:
+    """An ISO time stamp shortened to minutes ("2026-11-22 21:06"); anything else as is."""
+    m = re.match(r"^(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2})", str(stamp)) if stamp else None
+    return f"{m[1]} {m[2]}" if m else fmt_number(stamp)
+
+
 def _result_text(r) -> str:
     """e.g. "0.562 (chance 0.25)" or "0.98 (chance 0.25), solved" from run.json's result."""
     m = r.result.get("eval_metric")
@@ -394,6 +401,6 @@ def run_rows(rs: RunSet) -> Table:
         vtext = ", ".join(f"{k} {v}" for k, v in r.versions.items()) or "—"
         rows.append((r.label, status, r.study or "—", task, model, fmt_number(r.model.get("n_params")),
                      r.clip_text, _result_text(r), fmt_number(r.meta.get("seed")), fmt_number(r.meta.get("device")),
-                     fmt_number(r.meta.get("finished")), vtext))
+                     _when(r.meta.get("finished")), vtext))
         classes.append("flagged" if r.flagged else "")
     return Table(RUN_COLUMNS, tuple(rows), tuple(classes))
