@@ -272,6 +272,21 @@ class Trace:
         (usable with torch.func). None for built-in cells and for traces loaded from disk."""
         return self._steps.get(self._check(key).unit)
 
+    def subset(self, batch) -> "Trace":
+        """A new Trace with only the batch items ``batch`` (a slice, list or bool/index tensor)."""
+        idx = torch.arange(self.shape(self._keys[0])[1])[batch] if self._keys else None
+        new = Trace(keep=self.keep, meta={**self.meta, "batch_subset": idx.tolist() if idx is not None else []})
+        new._keys = list(self._keys)
+        new._cells = dict(self._cells)
+        new._params = dict(self._params)
+        new._modules = dict(self._modules)
+        new._steps = dict(self._steps)
+        for d_src, d_dst in ((self._norm, new._norm), (self._grad, new._grad), (self._state, new._state),
+                             (self._prev, new._prev), (self._mask, new._mask), (self._inputs, new._inputs)):
+            for k, v in d_src.items():
+                d_dst[k] = v.index_select(1, idx)
+        return new
+
     # ------------------------------------------------------------------ findings
     def nonfinite(self):
         """Tidy DataFrame of every (key, t, b) whose gradient norm is NaN or ±Inf at a valid step."""

@@ -1,0 +1,36 @@
+"""Shared CLI plumbing: one-line errors, the --quiet flag, lazy imports."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from ..errors import GradflowError
+
+
+def one_line_errors(fn):
+    """Turn GradflowError / OSError into ``error: ...`` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GradflowError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            name = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+            raise click.ClickException(f"cannot access{name}: {exc.strerror or exc}") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print only the paths written (no progress bars).")
+
+
+def say(quiet: bool):
+    return (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))

@@ -1,0 +1,33 @@
+"""The ``gradflow`` command group. Each command lives in its own module and imports heavy libraries
+(torch, matplotlib) only when it runs."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gradflow")
+def cli():
+    """gradflow: where and why gradients vanish or explode in recurrent networks.
+
+    \b
+    Examples:
+      gradflow demo                                # tanh RNN vs LSTM vs GRU (+ clipping), HTML + PDF
+      gradflow list                                # tasks, cells and analyses
+      gradflow run analyses/checksum.toml          # one study into runs/checksum/
+      gradflow report runs/checksum --html r.html --pdf r.pdf
+      gradflow inspect mypkg.models:make_model --shape 50,16,8
+    """
+
+
+def _register():
+    from . import cmd_demo, cmd_inspect, cmd_list, cmd_report, cmd_run
+
+    for mod in (cmd_demo, cmd_run, cmd_report, cmd_inspect, cmd_list):
+        cli.add_command(mod.command)
+
+
+_register()

@@ -1,0 +1,201 @@
+"""Run a study (a validated spec) into a study directory, and analyse run directories.
+
+Study directory layout::
+
+    <out>/study.json          {"kind": "study", "schema_version", "name", "title", "claim", "spec", "runs"}
+    <out>/<run label>/        a run directory (gradflow.training) plus the analysis tables:
+                              distance, decay, spectra, spectra_summary, products, lyapunov, gates,
+                              summary (.csv, schemas in gradflow.tables)
+
+A run whose directory already holds a finished run of the same resolved spec is not trained again
+(re-running a spec after an interruption finishes only what is missing); its tables are rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from . import _io
+from .errors import GradflowError
+from .spec import StudySpec, build_run
+
+__all__ = ["run_study", "analyse_run", "analyse_trace"]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True,
+              echo: Callable[[str], None] | None = None) -> Path:
+    """Train and analyse every run of ``spec`` into ``out``; returns ``out``."""
+    from .training import train
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GradflowError(f"{out}: exists and is not a directory")
+    existing = out / "study.json"
+    if existing.exists():
+        doc = _io.read_json(existing)
+        if doc.get("kind") != "study":
+            raise GradflowError(f"{existing}: not a gradflow study file")
+    say = echo or (lambda s: None)
+    rel = []
+    for r in spec.runs:
+        run_dir = out / r.dirname
+        rel.append(r.dirname)
+        resolved = r.resolved()
+        done = _finished(run_dir, resolved)
+        if done:
+            say(f"{r.label}: finished earlier, reusing {run_dir}")
+        else:
+            task, model, cfg = build_run(r, spec.source)
+            res = train(task, model, cfg, run_dir=run_dir, name=r.dirname, label=r.label, progress=progress,
+                        spec={"run": resolved})
+            say(f"{r.label}: {res.status}" + (f" at step {res.diverged_at}" if res.diverged_at is not None else "")
+                + (f", eval metric {res.result.get('eval_metric'):.3g}" if res.result.get("eval_metric") is not None
+                   else ""))
+        analyse_run(run_dir, spec.analysis, spec_run=r)
+    _io.write_json(existing, {"kind": "study", "schema_version": _io.SCHEMA_VERSION, "name": spec.name,
+                              "title": spec.title, "claim": spec.claim, "spec": spec.resolved(), "runs": rel})
+    return out
+
+
+def _finished(run_dir: Path, resolved: Mapping) -> bool:
+    f = run_dir / "run.json"
+    if not f.exists():
+        return False
+    try:
+        doc = _io.read_json(f)
+    except GradflowError:
+        return False
+    return doc.get("status") in ("finished", "diverged") and _same(doc.get("spec", {}).get("run"), resolved) and (
+        doc.get("status") == "diverged" or (run_dir / "trace" / "trace.json").exists())
+
+
+def analyse_run(run_dir: str | Path, analysis: Mapping[str, Any] | None = None, *, spec_run=None,
+                classes: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
+    """Compute the analysis tables of a run directory from its saved ``trace/`` and write them as
+    CSV next to it. A diverged run without a final trace gets only a summary row."""
+    from .trace import Trace
+
+    run_dir = Path(run_dir)
+    doc = _io.read_json(run_dir / "run.json")
+    label = doc.get("label", run_dir.name)
+    from .spec import ANALYSIS_DEFAULTS
+
+    opts = {**ANALYSIS_DEFAULTS, **dict(analysis or {})}
+    if not (run_dir / "trace" / "trace.json").exists():
+        tables = {"summary": pd.DataFrame([{
+            "key": "(run)", "verdict": _status_verdict(doc) or "no trace recorded",
+            "detail": "the run stopped before its final recorded pass"}])}
+    else:
+        trace = Trace.load(run_dir / "trace")
+        if classes is None and spec_run is not None:
+            classes = _eval_classes(spec_run, trace)
+        tables = analyse_trace(trace, opts, classes=classes)
+        sv = _status_verdict(doc)
+        if sv:
+            tables["summary"] = pd.concat([pd.DataFrame([{"key": "(run)", "verdict": sv, "detail": ""}]),
+                                           tables["summary"]], ignore_index=True)
+        clip_note = _clip_verdict(run_dir, doc)
+        if clip_note:
+            tables["summary"] = pd.concat([tables["summary"], pd.DataFrame([clip_note])], ignore_index=True)
+    for name, df in tables.items():
+        df = df.copy()
+        df.insert(0, "run", label)
+        _io.write_csv(run_dir / f"{name}.csv", df)
+        tables[name] = df
+    return tables
+
+
+def _log_distances(T: int, n: int = 12) -> list[int]:
+    """About ``n`` log-spaced distances in 1..T (always including 1 and T)."""
+    ds = np.unique(np.round(np.geomspace(1, T, num=min(n, T))).astype(int))
+    return [int(d) for d in ds]
+
+
+def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
+    """All analysis tables for every unit of a keep='states' trace (without the ``run`` column).
+
+    Distance, decay and gate statistics use the whole batch; Jacobian spectra, products over
+    distance and Lyapunov exponents (the joint state of a unit, computed once per unit from its h
+    key) use the first ``batch_limit`` sequences, and products are evaluated at ~12 log-spaced
+    distances."""
+    from . import analysis as A
+
+    parts: dict[str, list[pd.DataFrame]] = {}
+    want = opts.get("keys", "all")
+    keys = trace.keys()
+    if want != "all":
+        keys = [k for k in keys if str(k) in set(want)]
+        if not keys:
+            raise GradflowError(f"analysis keys {want!r} match none of {', '.join(map(str, trace.keys()))}")
+    T, B = trace.shape(keys[0])
+    small = trace.subset(slice(0, int(opts.get("batch_limit", 16))))
+    warmup = min(int(opts.get("warmup", 0)), max(T - 2, 0))
+    frac = opts.get("horizon_fraction", 1e-3)
+    for k in keys:
+        prof = A.distance_profile(trace, k, fraction=frac)
+        tabs = {"distance": prof.table, "decay": prof.decay}
+        summ = lyap = None
+        if k.state == "h":
+            spectra, summ = A.spectra_tables(small, k, max_rank=opts.get("max_rank"))
+            tabs.update(spectra=spectra, spectra_summary=summ)
+            if opts.get("products", True):
+                ds = _log_distances(T)
+                tabs["products"] = A.products_table(A.product_spectrum(small, k, distances=ds), k, ds)
+            if opts.get("lyapunov", True) and T - warmup >= 2:
+                lyap = A.lyapunov_table(A.lyapunov_spectrum(small, k, warmup=warmup), k)
+                tabs["lyapunov"] = lyap
+            if trace.cell(k).kind in ("lstm", "gru"):
+                tabs["gates"] = A.gate_statistics(trace, k, classes=classes)
+        tabs["summary"] = A.verdicts(prof.decay, summ, lyap, prof.nonfinite, prof.table)
+        for name, df in tabs.items():
+            if df is not None and len(df):
+                parts.setdefault(name, []).append(df)
+    return {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()}
+
+
+def _eval_classes(spec_run, trace) -> np.ndarray | None:
+    """Token classes of the final trace's evaluation batch (regenerated from its seed)."""
+    meta = trace.meta
+    try:
+        task, _, cfg = build_run(spec_run)
+        batch = task.sample(int(meta.get("eval_batch", cfg.eval_batch)), np.random.default_rng([cfg.seed, 1]))
+    except GradflowError:
+        return None
+    return batch.classes
+
+
+def _status_verdict(doc) -> str | None:
+    if doc.get("status") == "diverged":
+        return f"diverged: loss or gradient became NaN/Inf at training step {doc.get('diverged_at')}"
+    if doc.get("status") == "failed":
+        return f"failed: {doc.get('error', 'unknown error')}"
+    return None
+
+
+def _clip_verdict(run_dir: Path, doc) -> dict | None:
+    clip = doc.get("clip") or {}
+    if clip.get("mode") in (None, "none") or not (run_dir / "metrics.csv").exists():
+        return None
+    m = pd.read_csv(run_dir / "metrics.csv")
+    if not len(m):
+        return None
+    frac = float(m["clipped"].mean())
+    mx = float(m["grad_norm_before"].max())
+    return {"key": "(run)", "verdict": f"clipping by {clip['mode']} fired on {frac:.0%} of steps",
+            "detail": f"threshold {clip.get('threshold')}, largest raw gradient norm {_fmt(mx)}"}
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}"
