@@ -20,6 +20,16 @@ from .errors import GradflowError
 SCHEMA_VERSION = 1
 
 
+def _file_mode() -> int:
+    """0o666 minus the process umask: what open() would give a new file (mkstemp uses 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _file_mode()
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     try:
@@ -32,6 +42,7 @@ def _atomic_write(path: Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     except OSError as exc:
         _unlink_quiet(tmp)

@@ -13,6 +13,7 @@ Index conventions used throughout ``gradflow.analysis``:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -129,3 +130,31 @@ def fraction_in_01(value, name: str, fn: str) -> float:
     if not isinstance(value, (int, float)) or not (0 < float(value) < 1) or math.isnan(float(value)):
         raise GradflowError(f"{fn}: {name}={value!r} must be a number strictly between 0 and 1")
     return float(value)
+
+
+@contextmanager
+def intra_op_threads(n: int = 1):
+    """Run torch ops with ``n`` intra-op threads, restoring the setting afterwards. Sequential sweeps
+    of small GEMMs (adjoint, QR propagation) gain nothing from intra-op threads and lose badly when
+    the cores are shared; batched LAPACK work is parallelised by our own thread pool instead."""
+    old = torch.get_num_threads()
+    if old == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def single_threaded(fn):
+    """Decorator: run ``fn`` under :func:`intra_op_threads` (1)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with intra_op_threads(1):
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -14,6 +14,7 @@ columns: ``V`` is ``[T, B, S, m]`` (all steps) or ``[B, S, m]`` (one step ``k``)
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Callable, Mapping
 
 import torch
@@ -105,6 +106,24 @@ class Linearization:
             out = torch.where(lin.mask[..., None, None], out, rows)
         return out.mT
 
+    @cached_property
+    def _full_steps(self) -> list:
+        """Per step: True when no batch item is masked (the identity branch can be skipped)."""
+        T = self.shape[0]
+        return [True] * T if self.mask is None else self.mask.all(1).tolist()
+
+    def apply_rows(self, R: torch.Tensor, k: int, transpose: bool) -> torch.Tensor:
+        """Fast path for sweeps: rows R [n, B, S] (n vectors per batch item, contiguous) -> rows of
+        (J_k v)ᵀ or (J_kᵀ u)ᵀ for every row, same shape; no shape checks."""
+        if self.step is not None:
+            out = _custom_apply(self._at(k), R.transpose(0, 1), transpose).transpose(0, 1)
+        else:
+            coef = {n: v[k] for n, v in self.coef.items()}
+            out = _builtin_apply(self, R, transpose, unsqueeze=False, coef=coef)
+        if not self._full_steps[k]:
+            out = torch.where(self.mask[k][:, None], out, R)
+        return out
+
     # ------------------------------------------------------------------ dense
     def dense(self, chunk: int | None = None) -> torch.Tensor:
         """All J_t as one tensor [T, B, S, S]; built in chunks of ``chunk`` steps (memory bound
@@ -155,9 +174,12 @@ def linearize(cell: CellInfo, params: Mapping[str, torch.Tensor] | None, x: torc
 
 
 # ---------------------------------------------------------------------- built-in cells
-def _builtin_apply(lin: Linearization, R: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """Rows R [..., m, S] -> rows of (J v) or (Jᵀ u); coefficient vectors broadcast over m."""
-    c = {n: v.unsqueeze(-2) for n, v in lin.coef.items()}
+def _builtin_apply(lin: Linearization, R: torch.Tensor, transpose: bool, unsqueeze: bool = True,
+                   coef=None) -> torch.Tensor:
+    """Rows R [..., m, S] -> rows of (J v) or (Jᵀ u); coefficient vectors (``coef``, default lin's)
+    broadcast over m (or, with unsqueeze=False, over the leading dims of R [..., B, S])."""
+    coef = lin.coef if coef is None else coef
+    c = {n: v.unsqueeze(-2) for n, v in coef.items()} if unsqueeze else coef
     W = lin.weights["weight_hh"]
     kind, H = lin.cell.kind, lin.cell.hidden_size
     if kind in ("rnn_tanh", "rnn_relu"):

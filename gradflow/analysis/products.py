@@ -46,8 +46,10 @@ def _qr(Z):
     return torch.linalg.qr(Z)
 
 
-def _mask_at(mask, k):
-    return None if mask is None else mask[k]
+def _rows(op, R, k, valid):
+    """Rows R [m, B, S] -> rows of J_k v for every row; identity where ``valid`` [B] is False."""
+    out = op.apply_rows(R, k, False) if hasattr(op, "apply_rows") else op.matvec(R.permute(1, 2, 0), k).permute(2, 0, 1)
+    return out if valid is None else torch.where(valid[:, None], out, R)
 
 
 def _scaled_product(R, ell, N):
@@ -125,6 +127,7 @@ def _log_svd(ell, N, max_iter: int = 60, tol: float = 1e-13):
     return out
 
 
+@_util.single_threaded
 def product_singular_values(J, *, distances=None, start: int = 0, mask=None) -> torch.Tensor:
     """ln σ_i(P_d) for each requested distance -> [len(distances), B, S] float64, descending.
 
@@ -145,10 +148,8 @@ def product_singular_values(J, *, distances=None, start: int = 0, mask=None) -> 
     out, want = [], set(ds)
     for d in range(1, ds[-1] + 1):
         k = start + d - 1
-        Z = op.matvec(Q, k)
-        if mask is not None:
-            Z = torch.where(mask[k][:, None, None], Z, Q)
-        Q, R = _qr(Z)
+        Zr = _rows(op, Q.permute(2, 0, 1).contiguous(), k, None if mask is None else mask[k])
+        Q, R = _qr(Zr.permute(1, 2, 0))
         ell, N = _scaled_product(R, ell, N)
         if d in want:
             out.append(_log_svd(ell, N))
@@ -172,6 +173,7 @@ class LyapunovResult:
     warmup: int
 
 
+@_util.single_threaded
 def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, blocks: int = 8,
                        seed: int = 0) -> LyapunovResult:
     """Lyapunov spectrum of the step-ordered Jacobians J (explicit [T, B, S, S] or a Linearization).
@@ -193,6 +195,7 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
         g = torch.Generator().manual_seed(seed)
         Q = torch.linalg.qr(torch.randn(S, k, generator=g, dtype=torch.float64)).Q.expand(B, S, k).clone()
     valid = torch.ones(T, B, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    full = valid.all(1).tolist()
     counted = valid.clone()
     counted[:warmup] = False
     nblk = max(1, min(blocks, T - warmup))
@@ -205,11 +208,10 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
     while t < T:
         # one block: steps t .. e-1, never crossing a warm-up or statistics-block edge
         e = min(T, t + span, min(x for x in edges + [T] if x > t))
-        Z = Q
+        Zr = Q.permute(2, 0, 1).contiguous()  # rows [k, B, S]
         for j in range(t, e):
-            Zj = op.matvec(Z, j)
-            Z = torch.where(valid[j][:, None, None], Zj, Z)
-        Q, R = _qr(Z)
+            Zr = _rows(op, Zr, j, None if full[j] else valid[j])
+        Q, R = _qr(Zr.permute(1, 2, 0))
         lr = _logabs(R.diagonal(dim1=-2, dim2=-1))  # [B, k], the sum over the block's steps
         if e > warmup:
             blk = max(i for i in range(nblk) if edges[i] <= t)

@@ -48,11 +48,12 @@ def _map_batched(fn, J: torch.Tensor, threads: int | None) -> torch.Tensor:
     n = flat.shape[0]
     if threads is None:
         threads = min(torch.get_num_threads(), os.cpu_count() or 1)
-    if threads <= 1 or n < 8 * threads or J.shape[-1] < 32:
-        return fn(flat).reshape(*lead, -1)
-    chunks = flat.chunk(threads * 4)
-    with ThreadPoolExecutor(threads) as ex:
-        parts = list(ex.map(fn, chunks))
+    with _util.intra_op_threads(1):  # one LAPACK call per matrix, parallel over the pool only
+        if threads <= 1 or n < 8 * threads or J.shape[-1] < 32:
+            return fn(flat).reshape(*lead, -1)
+        chunks = flat.chunk(threads * 4)
+        with ThreadPoolExecutor(threads) as ex:
+            parts = list(ex.map(fn, chunks))
     return torch.cat(parts).reshape(*lead, -1)
 
 
@@ -132,6 +133,11 @@ class DenseOperator:
 
     def rmatvec(self, U, k=None):
         return (self.J if k is None else self.J[k]).mT @ U.to(self.J.dtype)
+
+    def apply_rows(self, R, k, transpose):
+        """Rows R [n, B, S] -> rows of J_k v (or J_kᵀ u) for every row."""
+        Jk = self.J[k].to(R.dtype)
+        return torch.einsum("nbs,bst->nbt", R, Jk) if transpose else torch.einsum("nbt,bst->nbs", R, Jk)
 
 
 def _as_operator(op):
