@@ -6,9 +6,10 @@ values sorted in descending order along the last dimension.
 
 * Full singular spectra use LAPACK's divide-and-conquer SVD without vectors (``gesdd``), batched,
   split over a thread pool when several cores are free. Float32 input is decomposed in float32
-  (as accurate as the input: absolute error ≈ eps32·σ_max), and the matrices whose σ_min/σ_max
-  falls below ``refine`` are recomputed in float64 so that small singular values keep their
-  relative accuracy ("float64 only where needed").
+  (absolute error ≈ eps32·σ_max), and the matrices whose σ_min/σ_max falls below ``refine`` are
+  recomputed in float64 so that small singular values keep their relative accuracy ("float64 only
+  where needed"; when most matrices need it, as for saturated LSTM gates, the rest go straight to
+  float64). ``refine=0`` keeps plain float32.
 * Matrix-free top-k (:func:`top_singular_values`) runs a randomized block Krylov method on JᵀJ
   with Rayleigh–Ritz: only products J V and Jᵀ U (JVP/VJP, or the factored closed form), never
   an S×S matrix.
@@ -50,11 +51,33 @@ def _map_batched(fn, J: torch.Tensor, threads: int | None) -> torch.Tensor:
         threads = min(torch.get_num_threads(), os.cpu_count() or 1)
     with _util.intra_op_threads(1):  # one LAPACK call per matrix, parallel over the pool only
         if threads <= 1 or n < 8 * threads or J.shape[-1] < 32:
-            return fn(flat).reshape(*lead, -1)
-        chunks = flat.chunk(threads * 4)
+            chunks = flat.split(64) if n > 64 else [flat]
+            return torch.cat([fn(c) for c in chunks]).reshape(*lead, -1)
+        chunks = flat.chunk(max(threads * 4, n // 64))
         with ThreadPoolExecutor(threads) as ex:
             parts = list(ex.map(fn, chunks))
     return torch.cat(parts).reshape(*lead, -1)
+
+
+def _refining_svd(refine: float):
+    """Chunk function for float32/16 input: float32 gesdd, then float64 for the matrices with
+    σ_min < refine·σ_max. Once more than half of the first ≥ 64 matrices needed it (saturated LSTM
+    Jacobians typically all do), later chunks go to float64 directly instead of factoring twice."""
+    seen = {"n": 0, "redo": 0}
+
+    def fn(chunk):
+        if refine and seen["n"] >= 64 and 2 * seen["redo"] > seen["n"]:
+            return torch.linalg.svdvals(chunk.double()).float()
+        sv = torch.linalg.svdvals(chunk.float())
+        if refine:
+            redo = sv[:, -1] < refine * sv[:, 0]
+            if bool(redo.any()):
+                sv[redo] = torch.linalg.svdvals(chunk[redo].double()).float()
+            seen["n"] += chunk.shape[0]
+            seen["redo"] += int(redo.sum())
+        return sv
+
+    return fn
 
 
 def singular_values(J: torch.Tensor, *, refine: float = 1e-4, threads: int | None = None,
@@ -67,13 +90,7 @@ def singular_values(J: torch.Tensor, *, refine: float = 1e-4, threads: int | Non
     _util.check_square(J, "singular_values")
     J, bad = _finite_or(J, "singular_values", on_nonfinite)
     low = J.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    work = J.float() if low else J
-    sv = _map_batched(torch.linalg.svdvals, work, threads)
-    if low and refine and sv.numel():
-        redo = sv[..., -1] < refine * sv[..., 0]
-        if bool(redo.any()):
-            sv[redo] = _map_batched(torch.linalg.svdvals, J[redo].double(), threads).to(sv.dtype)
-    sv = sv.to(J.dtype)
+    sv = _map_batched(_refining_svd(refine) if low else torch.linalg.svdvals, J, threads).to(J.dtype)
     if bad is not None:
         sv[bad] = float("nan")
     return sv

@@ -80,3 +80,15 @@ def test_adjoint_log_norms_tensor_level_and_errors():
     tr, key, _ = h.make_trace("gru")
     with pytest.raises(GradflowError, match="direct"):
         total_log10_norms(tr, key, direct="first")
+
+
+def test_float32_sweep_is_close_and_underflow_free():
+    tr, key, _ = h.make_trace("rnn_tanh", T=90, B=2, H=3, loss="all", scale=0.4)
+    G64 = gradient_matrix(tr, key)
+    G32 = gradient_matrix(tr, key, dtype=torch.float32)
+    fin = torch.isfinite(G64.log10)
+    assert torch.equal(fin, torch.isfinite(G32.log10))
+    assert float(G64.log10[fin].min()) < -45  # below float32's range: kept by the log scales
+    assert torch.allclose(G32.log10[fin], G64.log10[fin], atol=1e-4, rtol=0)
+    with pytest.raises(GradflowError, match="dtype"):
+        gradient_matrix(tr, key, dtype=torch.float16)

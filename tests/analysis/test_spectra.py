@@ -24,6 +24,12 @@ def test_singular_values_match_numpy_any_batch_shape():
         assert (sv[..., :-1] >= sv[..., 1:]).all()
 
 
+def test_thread_pool_route_equals_single_call():
+    J = torch.randn(40, 32, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    assert torch.equal(singular_values(J, threads=2), singular_values(J, threads=1))
+    assert torch.allclose(eigenvalue_moduli(J, threads=2), eigenvalue_moduli(J, threads=1))
+
+
 def test_float32_refines_small_singular_values_in_float64():
     g = torch.Generator().manual_seed(1)
     U = torch.linalg.qr(torch.randn(2, 30, 30, generator=g, dtype=torch.float64)).Q
