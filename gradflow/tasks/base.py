@@ -17,6 +17,8 @@ same batch on every platform for the same settings; all randomness comes from nu
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -68,7 +70,7 @@ def _positive_int(task: str, name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-class Task:
+class Task(ABC):
     """Base class of the built-in tasks (subclasses are frozen dataclasses).
 
     Class attributes set by each task: ``name``, ``source`` (citation), ``input_kind``
@@ -95,7 +97,7 @@ class Task:
     @property
     def vocab_size(self) -> int:
         """Number of input symbols (token tasks)."""
-        raise NotImplementedError
+        raise TaskError(f"task {self.name!r} has real-valued inputs ({self.input_kind}), not a vocabulary")
 
     @property
     def n_features(self) -> int:
@@ -103,19 +105,22 @@ class Task:
         return self.vocab_size
 
     @property
+    @abstractmethod
     def output_size(self) -> int:
         """Number of classes (cross-entropy) or regression outputs (MSE)."""
-        raise NotImplementedError
+
 
     @property
+    @abstractmethod
     def chance_loss(self) -> float:
         """Loss of the best constant/memoryless predictor (see the task's docstring)."""
-        raise NotImplementedError
+
 
     @property
+    @abstractmethod
     def chance_metric(self) -> float:
         """Metric of that predictor."""
-        raise NotImplementedError
+
 
     @property
     def solved_threshold(self) -> float:
@@ -126,9 +131,9 @@ class Task:
         op = ">=" if self.higher_is_better else "<="
         return f"{self.metric_name} {op} {self.solved_threshold:.6g}"
 
+    @abstractmethod
     def sample(self, batch: int, seed: int | np.random.Generator | None = None) -> Batch:
         """A batch of ``batch`` sequences; deterministic for an int seed."""
-        raise NotImplementedError
 
     # --------------------------------------------------------------- shared behaviour
     def solved(self, metric: float) -> bool:
@@ -151,7 +156,8 @@ class Task:
                 return float((out.argmax(-1) == y).double().mean())
             if self.metric_name == "mse":
                 return float(F.mse_loss(out.reshape(y.shape).double(), y.double()))
-        raise NotImplementedError(self.metric_name)
+        raise TaskError(f"task {self.name!r}: metric {self.metric_name!r} has no generic implementation; "
+                        "the task must override metric()")
 
     def _check_out(self, out: torch.Tensor, y: torch.Tensor) -> None:
         if self.loss_name == "cross_entropy":
