@@ -8,7 +8,7 @@ allows. Baseline (the textbook route): at every step the batch of Jacobians by
 ln|diag R|. Both run in this process with one intra-op thread, timed with perf_counter; the
 exponents are checked to agree.
 
-    python benchmarks/lyapunov.py [--cell lstm|gru|rnn_tanh] [--H 32] [--B 16] [--T 1000] [--k K]
+    python benchmarks/lyapunov.py [--cell gru|lstm|rnn_tanh] [--H 32] [--B 16] [--T 1000] [--k K]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def baseline(args, rnn, trace, key):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cell", choices=sorted(FUSED), default="lstm")
+    ap.add_argument("--cell", choices=sorted(FUSED), default="gru")
     ap.add_argument("--H", type=int, default=32)
     ap.add_argument("--B", type=int, default=16)
     ap.add_argument("--T", type=int, default=1000)

@@ -119,6 +119,16 @@ def check_steps(J: torch.Tensor, fn: str) -> torch.Tensor:
     return J
 
 
+def check_mask(mask, T: int, B: int, fn: str):
+    """None, or a [T, B] bool tensor (one-line GradflowError otherwise)."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if tuple(mask.shape) != (T, B):
+        raise GradflowError(f"{fn}: mask must be [T, B] = {(T, B)}, got shape {tuple(mask.shape)}")
+    return mask.to(torch.bool)
+
+
 def positive_int(value, name: str, fn: str, *, allow_zero: bool = False) -> int:
     ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:

@@ -51,6 +51,7 @@ def adjoint_log_norms(J, direct: torch.Tensor, *, mask=None, rows: slice | None 
     T, B, S = op.shape
     if tuple(direct.shape) != (T, B, S):
         raise GradflowError(f"adjoint_log_norms: direct gradients have shape {tuple(direct.shape)}, expected {(T, B, S)}")
+    mask = _util.check_mask(mask, T, B, "adjoint_log_norms")
     g = direct.to(torch.float64)
     if mask is not None:
         g = torch.where(mask[..., None], g, torch.zeros((), dtype=torch.float64))

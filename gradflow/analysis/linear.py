@@ -28,6 +28,10 @@ __all__ = ["Linearization", "linearize"]
 
 @dataclass(frozen=True, eq=False)
 class Linearization:
+    """J_t of every step of one unit, factored (see the module docstring); build with
+    :func:`linearize` or :func:`~gradflow.analysis.linearize_trace`. ``matvec``/``rmatvec`` give
+    J V / Jᵀ U for all steps or one step, ``dense`` all J_t, ``select``/``flip`` re-index the steps."""
+
     cell: CellInfo
     coef: Mapping[str, torch.Tensor]  # per-step vectors [T, B, H]
     weights: Mapping[str, torch.Tensor]  # fixed: weight_hh [G*H, P], weight_hr [P, H]

@@ -136,6 +136,7 @@ def product_singular_values(J, *, distances=None, start: int = 0, mask=None) -> 
     step, e.g. ``trace.mask`` flipped for direction 1). -inf marks an exactly singular product."""
     op = _as_operator(J).to(torch.float64)
     T, B, S = op.shape
+    mask = _util.check_mask(mask, T, B, "product_singular_values")
     start = _util.positive_int(start, "start", "product_singular_values", allow_zero=True)
     if start >= T:
         raise GradflowError(f"product_singular_values: start={start} must be < T={T}")
@@ -183,6 +184,7 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
     that are False are identity maps and not counted."""
     op = _as_operator(J).to(torch.float64)
     T, B, S = op.shape
+    mask = _util.check_mask(mask, T, B, "lyapunov_exponents")
     warmup = _util.positive_int(warmup, "warmup", "lyapunov_exponents", allow_zero=True)
     if warmup >= T:
         raise GradflowError(f"lyapunov_exponents: warmup={warmup} leaves no steps of T={T}")
@@ -194,7 +196,7 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
     else:
         g = torch.Generator().manual_seed(seed)
         Q = torch.linalg.qr(torch.randn(S, k, generator=g, dtype=torch.float64)).Q.expand(B, S, k).clone()
-    valid = torch.ones(T, B, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    valid = torch.ones(T, B, dtype=torch.bool) if mask is None else mask
     full = valid.all(1).tolist()
     counted = valid.clone()
     counted[:warmup] = False

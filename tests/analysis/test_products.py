@@ -139,3 +139,5 @@ def test_bad_arguments():
         product_singular_values(J, distances=[3, 2])
     with pytest.raises(GradflowError, match=r"\[T, B, S, S\]"):
         lyapunov_exponents(torch.randn(5, 3, 3))
+    with pytest.raises(GradflowError, match=r"mask must be \[T, B\]"):
+        product_singular_values(J, mask=torch.ones(5, 2, dtype=torch.bool))
