@@ -18,9 +18,11 @@ from ._common import one_line_errors, quiet_option, say
               show_default=True, help="Directory for index.html and report.pdf.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Training steps per run (default: the demo's 150; fewer for a quick look).")
+@click.option("--threads", type=click.IntRange(min=1), default=1,
+              help="torch CPU threads (small recurrent models train fastest on one).")
 @quiet_option
 @one_line_errors
-def command(runs_dir: Path, out: Path, steps: int | None, quiet: bool):
+def command(runs_dir: Path, out: Path, steps: int | None, threads: int | None, quiet: bool):
     """Compare a tanh RNN, an LSTM and a GRU on the checksum task (the first token decides the
     label read out at the end), plus an exploding ReLU RNN trained with and without gradient
     clipping; write an HTML page and a PDF report and print their paths.
@@ -31,16 +33,20 @@ def command(runs_dir: Path, out: Path, steps: int | None, quiet: bool):
     """
     import tomllib
 
+    import torch
+
     from ..report import build_report
     from ..spec import parse_spec
     from ..study import run_study
 
     text = resources.files("gradflow.specs").joinpath("demo.toml").read_text(encoding="utf-8")
     doc = tomllib.loads(text)
-    if steps is not None:
-        doc["train"]["steps"] = steps
-        doc["train"]["record_every"] = max(1, min(doc["train"]["record_every"], steps // 3 or 1))
+    if steps is not None:  # every run's training steps, and a recording schedule that fits them
+        for table in [doc["train"]] + [r.setdefault("train", {}) for r in doc["runs"]]:
+            table["steps"] = steps
+            table["record_every"] = max(1, steps // 3)
     spec = parse_spec(doc, source="gradflow/specs/demo.toml", default_name="demo")
+    torch.set_num_threads(threads)
     echo = say(quiet)
     t0 = time.perf_counter()
     echo(f"demo: {len(spec.runs)} runs -> {runs_dir}")

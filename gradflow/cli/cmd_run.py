@@ -15,9 +15,11 @@ from ._common import one_line_errors, quiet_option, say
               help="Study directory to write (default: runs/<spec name>).")
 @click.option("--report/--no-report", default=True, show_default=True,
               help="Also write reports/<name>/index.html and report.pdf.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (small recurrent models train fastest on one).")
 @quiet_option
 @one_line_errors
-def command(spec: Path, out: Path | None, report: bool, quiet: bool):
+def command(spec: Path, out: Path | None, report: bool, threads: int | None, quiet: bool):
     """Run the analysis spec SPEC (a TOML file, see analyses/) into a study directory.
 
     \b
@@ -31,6 +33,10 @@ def command(spec: Path, out: Path | None, report: bool, quiet: bool):
     from ..spec import load_spec
     from ..study import run_study
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     s = load_spec(spec)
     out = out or Path("runs") / s.name
     echo = say(quiet)
