@@ -145,6 +145,12 @@ def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = N
         prof = A.distance_profile(trace, k, fraction=frac)
         tabs = {"distance": prof.table, "decay": prof.decay}
         summ = lyap = None
+        joint = None
+        if len(trace.cell(k).states) > 1 and k.state == trace.cell(k).states[0]:
+            joint = _joint_profile(trace, k, frac)
+            for name in ("distance", "decay"):
+                tabs[name] = pd.concat([tabs[name], getattr(joint, "table" if name == "distance" else "decay")],
+                                       ignore_index=True)
         if k.state == "h":
             spectra, summ = A.spectra_tables(small, k, max_rank=opts.get("max_rank"))
             tabs.update(spectra=spectra, spectra_summary=summ)
@@ -156,11 +162,31 @@ def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = N
                 tabs["lyapunov"] = lyap
             if trace.cell(k).kind in ("lstm", "gru"):
                 tabs["gates"] = A.gate_statistics(trace, k, classes=classes)
-        tabs["summary"] = A.verdicts(prof.decay, summ, lyap, prof.nonfinite, prof.table)
+        if len(trace.cell(k).states) == 1:
+            tabs["summary"] = A.verdicts(prof.decay, summ, lyap, prof.nonfinite, prof.table)
+        elif joint is not None:  # LSTM: one verdict on the joint state (h, c), where the memory lives
+            v = A.verdicts(joint.decay, None, None, pd.concat([prof.nonfinite, joint.nonfinite]), joint.table)
+            extra = A.verdicts(None, summ, lyap, None, None)
+            if len(extra):
+                v["detail"] = v["detail"] + "; " + extra["detail"].iloc[0]
+            tabs["summary"] = v
         for name, df in tabs.items():
             if df is not None and len(df):
                 parts.setdefault(name, []).append(df)
     return {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()}
+
+
+def _joint_profile(trace, key, fraction):
+    """Distance profile of the joint state's gradient norm sqrt(Σ_states ||dL/ds_t||²) of a
+    multi-state cell (LSTM: h and c), reported under the key ``<unit>/hc``."""
+    from . import analysis as A
+
+    states = trace.cell(key).states
+    sq = sum(trace.norm(key.with_state(s)) ** 2 for s in states)
+    with np.errstate(divide="ignore"):
+        logn = np.log10(np.sqrt(sq.numpy()))
+    label = str(key.with_state("".join(states)))
+    return A.distance_profile(logn, label, direction=key.direction, mask=trace.mask(key), fraction=fraction)
 
 
 def _eval_classes(spec_run, trace) -> np.ndarray | None:
