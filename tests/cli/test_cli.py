@@ -193,7 +193,7 @@ def test_inspect_user_model(runner, tmp_path):
     run_dir = tmp_path / "runs/inspect-make"
     assert r.output.split()[0] == "runs/inspect-make"
     keys = set(pd.read_csv(run_dir / "distance.csv")["key"])
-    assert keys == {f"enc/l{l}/d0/{s}" for l in (0, 1) for s in "hc"}
+    assert keys == {f"enc/l{l}/d0/{s}" for l in (0, 1) for s in ("h", "c", "hc")}
     g = pd.read_csv(run_dir / "gradnorms.csv")
     assert sorted(set(g["step"])) == [0, 1]
     assert (tmp_path / "reports/inspect-make/index.html").exists()
