@@ -189,7 +189,8 @@ def gather_trace(trace: Trace, dst: int = 0, group=None, *, strip_prefix: str | 
     keys = trace.keys()
     units = trace.units()
     Tk = {k: [h["T"][i] for h in headers] for i, k in enumerate(keys)}
-    out = Trace(keep=trace.keep, meta={**trace.meta, "world_size": len(sizes), "shard_sizes": sizes}) if me_dst else None
+    meta = {**trace.meta, "world_size": len(sizes), "shard_sizes": sizes}
+    out = Trace(keep=trace.keep, meta=meta) if me_dst else None
     nan = float("nan")
 
     def gather(x, Ts, fill):
