@@ -23,23 +23,50 @@ class GRUNet(nn.Module):
         return self.head(out)
 
 
+class PackedGRU(nn.Module):
+    """Variable-length sequences: each rank's shard has its own longest length (T_r < T on rank 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(F, 4, bidirectional=True)
+
+    def forward(self, x, lengths):  # x [T, B, F]
+        packed = nn.utils.rnn.pack_padded_sequence(x[: int(lengths.max())], lengths, enforce_sorted=False)
+        out, h = self.rnn(packed)
+        return out.data.sum() + (h ** 2).sum()
+
+
+LENGTHS = torch.tensor([T, 3, 4, 2])
+
+
 def build(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "lstm":
         m = nn.LSTM(F, 5, num_layers=2, bidirectional=True)
+    elif kind == "packed":
+        m = PackedGRU()
     else:
         m = GRUNet()
     return m.double()
 
 
+def run(kind: str, model, x, lo: int, n: int):
+    """The model's output on batch items lo .. lo+n-1 of the full batch ``x``."""
+    if kind == "packed":
+        return model(x[:, lo:lo + n], LENGTHS[lo:lo + n])
+    return model(x.narrow(1 if kind == "lstm" else 0, lo, n))
+
+
 def data(kind: str, total: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, total, F, generator=g, dtype=torch.float64)
-    return x if kind == "lstm" else x.transpose(0, 1).contiguous()  # GRUNet is batch_first
+    return x if kind != "gru" else x.transpose(0, 1).contiguous()  # GRUNet is batch_first
 
 
 def loss_fn(kind: str, out) -> torch.Tensor:
     """A sum over the batch (so per-sample δ_t do not depend on the shard)."""
+    if kind == "packed":
+        return out
     if kind == "lstm":
         out = out[0]  # [T, B, 2H]
         w = torch.linspace(0.5, 1.5, out.shape[0], dtype=out.dtype).view(-1, 1, 1)
@@ -47,7 +74,8 @@ def loss_fn(kind: str, out) -> torch.Tensor:
     return (out[:, -1] ** 2).sum() + out.sum()
 
 
-SETTINGS = {"lstm": {"sizes": (3, 3), "keep": "states"}, "gru": {"sizes": (3, 2), "keep": "full"}}
+SETTINGS = {"lstm": {"sizes": (3, 3), "keep": "states"}, "gru": {"sizes": (3, 2), "keep": "full"},
+            "packed": {"sizes": (2, 2), "keep": "full"}}
 
 
 def worker(rank: int, world: int, port: int, outdir: str) -> None:
@@ -63,15 +91,15 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         for kind, s in SETTINGS.items():
             sizes = s["sizes"]
             x = data(kind, sum(sizes))
-            lo = sum(sizes[:rank])
-            bdim = 1 if kind == "lstm" else 0
-            shard = x.narrow(bdim, lo, sizes[rank])
+            lo, n = sum(sizes[:rank]), sizes[rank]
             ddp = DDP(build(kind))
             with gradflow.record(ddp, keep=s["keep"]) as rec:
-                loss_fn(kind, ddp(shard)).backward()
+                loss_fn(kind, run(kind, ddp, x, lo, n)).backward()
+            if kind == "packed":  # the shards really have different lengths
+                assert rec.trace.shape(rec.trace.keys()[0])[0] == int(LENGTHS[lo:lo + n].max())
             g_rec = [p.grad.detach().clone() for p in ddp.parameters()]
             ddp.zero_grad(set_to_none=True)
-            loss_fn(kind, ddp(shard)).backward()  # the fused kernel, no recording
+            loss_fn(kind, run(kind, ddp, x, lo, n)).backward()  # the fused kernel, no recording
             g_plain = [p.grad.detach().clone() for p in ddp.parameters()]
             full = gather_trace(rec.trace, dst=0)
             if rank == 0:
