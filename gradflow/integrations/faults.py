@@ -31,8 +31,9 @@ __all__ = ["first_nonfinite", "nonfinite_count"]
 
 
 def _module_rank(trace: Trace, order) -> dict[str, int]:
-    if order is None:
-        paths = list(dict.fromkeys(k.module for k in trace.keys()))
+    if order is None:  # the order the backward pass reached the modules, when the recorder noted it
+        paths = [str(p) for p in trace.meta.get("backward_order", ())] or list(
+            dict.fromkeys(k.module for k in trace.keys()))
     elif isinstance(order, torch.nn.Module):
         paths = [p for p, _ in reversed(list(order.named_modules()))]
     else:

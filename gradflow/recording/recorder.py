@@ -203,7 +203,8 @@ class Recorder:
         cell_paths = {c.path for c in reached if isinstance(c, CellCall)}
         seen = {id(c) for c in reached}
         calls = reached + [c for c in pending if isinstance(c, CellCall) and c.path in cell_paths and id(c) not in seen]
-        trace = _assemble(calls, self.keep, meta={"pass": len(self.traces)})
+        order = list(dict.fromkeys(c.path for c in reached))  # modules in the order backward reached them
+        trace = _assemble(calls, self.keep, meta={"pass": len(self.traces), "backward_order": order})
         if self.keep_traces:
             self.traces.append(trace)
         if self.callback is not None:
