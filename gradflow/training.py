@@ -453,9 +453,25 @@ def train(task, model: nn.Module, config: TrainConfig | None = None, *, run_dir:
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{lv:.4g}", metric=f"{metric:.4g}")
+                if bad and trace is None:
+                    # locate the first NaN/Inf: redo this step's pass (parameters not yet updated) recorded
+                    model.zero_grad(set_to_none=True)
+                    with gradflow.record(model, keep="norms") as rec:
+                        task.loss(model(batch.x), batch.y).backward()
+                    trace = rec.traces[-1] if rec.traces else None
+                    if trace is not None:
+                        w.add("gradnorms", gradnorm_rows(trace, label, step))
+                if trace is not None and doc.get("faults") is None:
+                    from .integrations.faults import first_nonfinite
+
+                    fault = first_nonfinite(trace)
+                    if fault is not None:
+                        doc["faults"] = {"step": step, **{k: fault[k] for k in (
+                            "key", "module", "layer", "direction", "state", "t", "b", "value") if k in fault}}
                 if bad:
                     status, diverged_at = "diverged", step
                     doc.update(status=status, diverged_at=step)
+                    w.flush()
                     w.write_json()
                     break
                 if recorded or (step + 1) % cfg.flush_every == 0:
