@@ -24,9 +24,9 @@ def cli():
 
 
 def _register():
-    from . import cmd_demo, cmd_inspect, cmd_list, cmd_report, cmd_run
+    from . import cmd_demo, cmd_inspect, cmd_list, cmd_report, cmd_run, cmd_sweep
 
-    for mod in (cmd_demo, cmd_run, cmd_report, cmd_inspect, cmd_list):
+    for mod in (cmd_demo, cmd_run, cmd_sweep, cmd_report, cmd_inspect, cmd_list):
         cli.add_command(mod.command)
 
 

@@ -1,0 +1,69 @@
+"""``gradflow sweep SPEC.toml``: expand a sweep spec's axes into runs and run them in parallel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import one_line_errors, quiet_option, say
+
+
+@click.command("sweep")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Sweep directory to write (default: runs/<spec name>).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: worker processes on this machine; ray: one Ray task per run (pip install 'gradflow[ray]').")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Parallel runs (default: one per core; for ray, the CPUs of a new local cluster).")
+@click.option("--address", default=None,
+              help="Ray cluster address (default: start a local cluster). The sweep directory must be on a "
+                   "file system every node sees.")
+@click.option("--dry-run", is_flag=True, help="Validate and list the runs, run nothing.")
+@click.option("--report/--no-report", default=False, show_default=True,
+              help="Also write reports/<name>/index.html and report.pdf comparing every run.")
+@quiet_option
+@one_line_errors
+def command(spec: Path, out: Path | None, engine: str, workers: int | None, address: str | None, dry_run: bool,
+            report: bool, quiet: bool):
+    """Run every combination of the axes in the [sweep] table of SPEC (a TOML file, see
+    analyses/sweeps/) into a sweep directory, and write its comparison table sweep.csv.
+
+    \b
+    Examples:
+      gradflow sweep analyses/sweeps/gain_cells.toml --workers 2
+      gradflow sweep analyses/sweeps/length.toml --engine ray
+      gradflow report runs/gain_cells            # one report comparing every run
+
+    Finished runs with the same settings are skipped, so re-running after an interruption finishes
+    only what is missing. A failing run is recorded as failed and the others go on; the command
+    then exits non-zero naming the failed runs.
+    """
+    from ..errors import GradflowError
+    from ..sweep import load_sweep, run_sweep
+
+    if address and engine != "ray":
+        raise GradflowError("--address applies to --engine ray")
+    s = load_sweep(spec)
+    out = out or Path("runs") / s.name
+    echo = say(quiet)
+    if dry_run:
+        for r in s.runs:
+            click.echo(f"{r.dirname}\t{r.label}")
+        return
+    res = run_sweep(s, out, engine=engine, workers=workers, address=address, echo=echo)
+    click.echo(str(out))
+    click.echo(str(out / "sweep.csv"))
+    if report:
+        from ..report import build_report
+
+        d = Path("reports") / s.name
+        written = build_report([out], html=d / "index.html", pdf=d / "report.pdf", title=s.study.title)
+        for p in written.values():
+            click.echo(str(p))
+    if res.failed:
+        first = res.failed[0]
+        more = f" and {len(res.failed) - 1} more" if len(res.failed) > 1 else ""
+        raise GradflowError(f"{len(res.failed)} of {len(res.outcomes)} runs failed: {first.label!r} "
+                            f"({first.error}){more}; see {out / 'sweep.csv'}")
