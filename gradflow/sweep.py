@@ -30,6 +30,7 @@ file system every node sees.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import itertools
 import json
@@ -337,6 +338,27 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
+# BLAS/OpenMP pools read these when numpy/torch load: one thread per worker process, so that workers
+# do not oversubscribe the cores (torch.set_num_threads does not reach numpy's BLAS).
+SINGLE_THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                      "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")}
+
+
+@contextlib.contextmanager
+def _single_threaded_env():
+    """Set :data:`SINGLE_THREAD_ENV` while worker processes (and the fork server) start."""
+    old = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
+    os.environ.update(SINGLE_THREAD_ENV)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _mp_context():
     """A fork server that imported gradflow (and torch) once, so workers start without importing
     them again and without inheriting this process's torch thread pools; spawn where there is none."""
@@ -344,7 +366,8 @@ def _mp_context():
 
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["gradflow.sweep", "gradflow.study", "gradflow.training"])
+        ctx.set_forkserver_preload(["gradflow.sweep", "gradflow.study", "gradflow.training", "gradflow.analysis",
+                                    "gradflow.tasks", "gradflow.models", "tqdm.auto"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -354,7 +377,8 @@ def _local(jobs, workers: int, done: Callable[[int, dict], None]) -> None:
 
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_worker)
     try:
-        futs = {pool.submit(_execute, *args): i for i, args in jobs}
+        with _single_threaded_env():  # workers start on submit
+            futs = {pool.submit(_execute, *args): i for i, args in jobs}
         for f in as_completed(futs):
             try:
                 res = f.result()
@@ -386,7 +410,7 @@ def _ray(jobs, workers: int | None, address: str | None, done: Callable[[int, di
             ray.init(num_cpus=workers, **kw)
         started = True
     try:
-        task = ray.remote(num_cpus=1, max_retries=0)(_execute)
+        task = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": SINGLE_THREAD_ENV})(_execute)
         refs = {task.remote(*args): i for i, args in jobs}
         pending = list(refs)
         while pending:
