@@ -55,6 +55,7 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True,
         if done:
             say(f"{r.label}: finished earlier, reusing {run_dir}")
         else:
+            _clear_unfinished(run_dir)
             task, model, cfg = build_run(r, spec.source)
             res = train(task, model, cfg, run_dir=run_dir, name=r.dirname, label=r.label, progress=progress,
                         spec={"run": resolved})
@@ -65,6 +66,25 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True,
     _io.write_json(existing, {"kind": "study", "schema_version": _io.SCHEMA_VERSION, "name": spec.name,
                               "title": spec.title, "claim": spec.claim, "spec": spec.resolved(), "runs": rel})
     return out
+
+
+def _clear_unfinished(run_dir: Path) -> None:
+    """Remove an interrupted/failed/outdated run directory before retraining it; refuse to touch a
+    non-empty directory that is not a gradflow run."""
+    import shutil
+
+    if not run_dir.exists():
+        return
+    if not any(run_dir.iterdir()):
+        return
+    f = run_dir / "run.json"
+    try:
+        doc = _io.read_json(f) if f.exists() else {}
+    except GradflowError:
+        doc = {}
+    if doc.get("kind") != "run":
+        raise GradflowError(f"{run_dir}: exists and is not a gradflow run directory; choose another --out")
+    shutil.rmtree(run_dir)
 
 
 def _finished(run_dir: Path, resolved: Mapping) -> bool:

@@ -229,3 +229,27 @@ def test_demo_quick(runner, tmp_path):
     assert r.output.split() == ["reports/demo/index.html", "reports/demo/report.pdf"]
     study = json.loads((tmp_path / "runs/demo/study.json").read_text())
     assert len(study["runs"]) == 5
+
+
+def test_run_resumes_an_interrupted_run(runner, tmp_path):
+    spec = write(tmp_path / "tiny.toml", TINY)
+    assert invoke(runner, "run", str(spec), "-q", "--no-report").exit_code == 0
+    doc_path = tmp_path / "runs/tiny/lstm_clipped/run.json"
+    doc = json.loads(doc_path.read_text())
+    doc["status"] = "running"  # as a killed run leaves it
+    doc_path.write_text(json.dumps(doc))
+    before = (tmp_path / "runs/tiny/rnn_tanh/metrics.csv").stat().st_mtime_ns
+    r = invoke(runner, "run", str(spec), "--no-report")
+    assert r.exit_code == 0, r.output
+    assert json.loads(doc_path.read_text())["status"] == "finished"
+    assert (tmp_path / "runs/tiny/rnn_tanh/metrics.csv").stat().st_mtime_ns == before
+    (tmp_path / "runs/tiny/rnn_tanh").mkdir(exist_ok=True)
+    stray = tmp_path / "runs/tiny/stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    from gradflow.study import _clear_unfinished
+    from gradflow.errors import GradflowError
+
+    with pytest.raises(GradflowError, match="not a gradflow run directory"):
+        _clear_unfinished(stray)
+    assert (stray / "notes.txt").exists()
