@@ -55,7 +55,7 @@ class LSTMRecurrence(torch.autograd.Function):
             a[:, 3 * H:].sigmoid_()
             i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
             if mask is None:
-                c_new = torch.addcmul(f * c, i, g, out=cs[t])
+                c_new = torch.mul(f, c, out=cs[t]).addcmul_(i, g)
                 k = torch.tanh(c_new, out=ks[t])
                 if proj:
                     torch.matmul(torch.mul(o, k, out=ms[t]), w_hr_t, out=out[t])
@@ -100,7 +100,6 @@ class LSTMRecurrence(torch.autograd.Function):
         d_h = torch.empty_like(out)  # δ^h_t
         d_c = torch.empty_like(cs)  # δ^c_t
         d_ht = torch.empty_like(out) if proj else None
-        tmp = gates.new_empty(B, 4, H)
         torch.add(g_out[T - 1], g_hn, out=d_h[T - 1])
         d_c[T - 1] = g_cn
         notm = None if mask is None else (~mask).unsqueeze(-1).to(gates.dtype)
@@ -118,9 +117,10 @@ class LSTMRecurrence(torch.autograd.Function):
             else:
                 dm = dv
             dct = torch.addcmul(dc_in, dm * o[t], kd[t])
-            tmp[:, :3] = dct.unsqueeze(1)
-            tmp[:, 3] = dm
-            da = torch.mul(Q[t], tmp, out=d_gates[t].view(B, 4, H)).view(B, G)
+            da4 = d_gates[t].view(B, 4, H)
+            torch.mul(Q[t, :, :3], dct.unsqueeze(1), out=da4[:, :3])
+            torch.mul(Q[t, :, 3], dm, out=da4[:, 3])
+            da = d_gates[t]
             if t > 0:
                 dh_prev = torch.addmm(g_out[t - 1], da, w_hh, out=d_h[t - 1])
                 dc_prev = torch.mul(dct, f[t], out=d_c[t - 1])
@@ -133,7 +133,7 @@ class LSTMRecurrence(torch.autograd.Function):
         if ctx.sink is not None:
             ctx.sink.backward("h", d_h)
             ctx.sink.backward("c", d_c)
-        del Q, kd, tmp
+        del Q, kd
         h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])
         flat = d_gates.reshape(T * B, G)
         g_whh = flat.t().matmul(h_prev.reshape(T * B, -1))
