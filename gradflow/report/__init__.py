@@ -17,7 +17,8 @@ Every figure function is pure: tidy DataFrame(s) in (the tables of :mod:`gradflo
 from __future__ import annotations
 
 from .build import build_report
-from .fig_gradients import fig_distance, fig_gradnorm_heatmap
+from .fig_gradients import fig_distance
+from .fig_heatmap import fig_gradnorm_heatmap
 from .fig_jacobians import fig_products, fig_spectra
 from .fig_training import fig_clipping, fig_gates
 from .load import RunInfo, RunSet, StudyInfo, load_runs

@@ -9,6 +9,7 @@ as it was. Styling is applied with ``rc_context`` around drawing and saving only
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 from typing import Iterable, Mapping, Sequence
@@ -18,6 +19,8 @@ import numpy as np
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure, SubFigure
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
 from matplotlib.ticker import FuncFormatter, Locator, MaxNLocator, NullLocator
 
 from ..errors import GradflowError
@@ -154,12 +157,19 @@ def log_scale(ax, which: str = "y") -> None:
     axis.set_minor_formatter(FuncFormatter(minor))
 
 
+# seaborn "colorblind" reordered: its vermillion (index 3) comes late, since next to the orange it is
+# hard to tell apart and it resembles the red that marks NaN/Inf; brown (5), close to orange, too
+_RUN_ORDER = (0, 1, 2, 4, 9, 7, 5, 3, 6, 8)
+
+
 def palette(labels: Sequence[str]) -> dict[str, tuple]:
     """One colour per label, stable in the order given (colour-blind safe for up to 10)."""
     labels = list(dict.fromkeys(labels))
-    base = sns.color_palette("colorblind", max(len(labels), 1)) if len(labels) <= 10 else sns.color_palette(
-        "husl", len(labels)
-    )
+    if len(labels) <= 10:
+        cb = sns.color_palette("colorblind", 10)
+        base = [cb[i] for i in _RUN_ORDER]
+    else:
+        base = sns.color_palette("husl", len(labels))
     return {lab: base[i] for i, lab in enumerate(labels)}
 
 
@@ -205,3 +215,85 @@ def span_decades(values) -> float:
         return 0.0
     return float(np.log10(v.max() / v.min()))
 
+
+
+_T2P = TextToPath()
+
+
+@functools.lru_cache(maxsize=16384)
+def _measure_pt(s: str, size: float, weight: str = "normal", math_: bool = False) -> float:
+    w, _, _ = _T2P.get_text_width_height_descent(s, FontProperties(size=size, weight=weight), ismath=math_)
+    return w
+
+
+def line_width_pt(s: str, size: float, weight: str = "normal") -> float:
+    """Width in points of one line of plain text: the sum of its words' measured widths and of the
+    spaces between them (words are measured once and cached: text measuring is the slow part of
+    laying out a report)."""
+    if s.count("$") >= 2:
+        return _measure_pt(s, size, weight, True)
+    words = s.split(" ")
+    space = _measure_pt("x x", size, weight) - 2 * _measure_pt("x", size, weight)
+    return sum(_measure_pt(w, size, weight) for w in words if w) + space * (len(words) - 1)
+
+
+def text_width_pt(s: str, size: float, weight: str = "normal") -> float:
+    """Width in points of ``s`` (its widest line) at font ``size``, measured with the report's font."""
+    return max(line_width_pt(line, size, weight) for line in str(s).split("\n"))
+
+
+def wrap_text(s: str, width_pt: float, size: float) -> str:
+    """Greedy wrap of ``s`` at spaces so every line is at most ``width_pt`` wide (a single word longer
+    than that stays on its own line); existing line breaks are kept."""
+    lines = []
+    for para in str(s).split("\n"):
+        cur = ""
+        for word in para.split(" "):
+            cand = word if not cur else f"{cur} {word}"
+            if cur and text_width_pt(cand, size) > width_pt:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = cand
+        lines.append(cur)
+    return "\n".join(lines)
+
+
+def _font_pt(size) -> float:
+    return FontProperties(size=size).get_size_in_points()
+
+
+def legend_below(fig, handles, labels, *, max_cols: int = 4, title: str | None = None, **kw):
+    """A figure legend under the axes (constrained layout 'outside lower center') that fits the
+    figure's width: as many columns as fit (at most ``max_cols``), labels wider than the figure
+    wrapped at spaces. ``fig`` is a Figure or SubFigure; widths are measured with the legend font."""
+    rc = mpl.rcParams
+    fs = _font_pt(kw.get("fontsize", rc["legend.fontsize"]))
+    width_pt = fig.bbox.width / fig.figure.dpi * 72
+    # room for the legend box: its border padding, the layout's outer padding and a safety margin
+    avail = 0.94 * width_pt - 2 * (rc["legend.borderpad"] + rc["legend.borderaxespad"]) * fs - 8
+    handle = (rc["legend.handlelength"] + rc["legend.handletextpad"]) * fs
+    gap = rc["legend.columnspacing"] * fs
+    labels = [wrap_text(lab, avail - handle, fs) for lab in labels]
+    widths = [handle + text_width_pt(lab, fs) for lab in labels]
+    n = len(labels)
+    ncol = 1
+    for c in range(max(1, min(max_cols, n)), 0, -1):
+        cols = [w for w in np.array_split(np.asarray(widths, dtype=float), c) if w.size]
+        if sum(float(w.max()) for w in cols) + gap * (len(cols) - 1) <= avail:
+            ncol = c
+            break
+    if title:
+        title = wrap_text(title, avail, _font_pt(rc["legend.title_fontsize"] or fs))
+    kw.setdefault("frameon", False)
+    return fig.legend(handles, labels, loc="outside lower center", ncol=ncol, title=title, **kw)
+
+
+def wrap_title(text: str, width_in: float, size: float | None = None, sep: str = " — ") -> str:
+    """``text`` on one line if it fits ``width_in``, else broken after ``sep`` (then at spaces)."""
+    size = _font_pt(size or mpl.rcParams["axes.titlesize"])
+    if text_width_pt(text, size) <= width_in * 72:
+        return text
+    if sep in text:
+        text = text.replace(sep, sep.strip().strip("—–-") + "\n", 1)
+    return wrap_text(text, width_in * 72, size)

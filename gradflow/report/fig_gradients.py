@@ -1,6 +1,7 @@
-"""Figures of gradient norms: over training step × timestep, and against temporal distance.
+"""Figure of gradient norms against temporal distance (the heatmap over training step × timestep
+is in :mod:`.fig_heatmap`).
 
-Both read log10 norms (base 10, as in :mod:`gradflow.tables`) and plot them on axes whose ticks are
+Reads log10 norms (base 10, as in :mod:`gradflow.tables`) and plots them on axes whose ticks are
 labelled as powers of ten, so a value far below float64 range still plots. Exact zeros (float32
 underflow, log10 = -inf) and NaN/Inf are drawn as such, never dropped silently.
 """
@@ -11,7 +12,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from matplotlib.colors import ListedColormap
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
@@ -20,8 +20,8 @@ from ._style import (
     FLOAT32_SUBNORMAL_LOG10,
     NONFINITE_COLOR,
     PAGE_WIDTH,
-    UNDERFLOW_COLOR,
     grid_shape,
+    legend_below,
     log10_axis,
     new_figure,
     ordered,
@@ -29,114 +29,7 @@ from ._style import (
     styled,
 )
 
-__all__ = ["fig_gradnorm_heatmap", "fig_distance", "heatmap_matrix", "fit_intercept"]
-
-HEATMAP_CMAP = "viridis"
-# heatmap cells are rasterised inside the otherwise vector figure: thousands of vector quads make
-# large files and show hairline seams between cells in SVG/PDF viewers
-RASTER_CELLS = 0
-
-
-def heatmap_matrix(sub: pd.DataFrame, value: str = "q50") -> pd.DataFrame:
-    """Pivot one run/key of ``gradnorms`` to a steps × t frame (rows and columns sorted)."""
-    dup = sub.duplicated(["step", "t"])
-    if dup.any():
-        r = sub[dup].iloc[0]
-        raise GradflowError(
-            f"gradnorms: duplicate rows for run {r['run']!r} key {r['key']!r} step {r['step']} t {r['t']}"
-        )
-    return sub.pivot(index="step", columns="t", values=value).sort_index().sort_index(axis=1)
-
-
-def _edges(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=float)
-    if x.size == 1:
-        return np.array([x[0] - 0.5, x[0] + 0.5])
-    mid = (x[1:] + x[:-1]) / 2
-    return np.concatenate([[x[0] - (mid[0] - x[0])], mid, [x[-1] + (x[-1] - mid[-1])]])
-
-
-def fig_gradnorm_heatmap(gradnorms: pd.DataFrame, *, target: Callable | None = None):
-    """Heatmap of the median log10 ‖dL/ds_t‖ (``q50``) over recorded training step × timestep t.
-
-    One panel per (run, key) in first-seen order, each with its own colour scale and colour bar (a
-    vanishing run spans tens of decades and would flatten every other panel on a shared scale; the
-    distance figure compares runs on one axis), rows are the recorded steps (equal height, labelled with the step number), columns the timesteps.
-    Cells whose median is -inf (exactly zero: float32 underflow, or no path to the loss such as an
-    LSTM cell state at the last step) are grey, NaN/+inf cells red, and a
-    red dot marks finite cells where some batch items were non-finite (``frac_nonfinite > 0``).
-    """
-    require(gradnorms, "gradnorms", ("run", "key", "step", "t", "q50", "frac_nonfinite"))
-    panels = ordered(zip(gradnorms["run"], gradnorms["key"]))
-    rows, cols = grid_shape(len(panels), 3 if len(panels) > 4 else 2)
-    with styled():
-        f = new_figure(PAGE_WIDTH, 0.9 + 2.3 * rows, target)
-        axes = np.atleast_1d(f.subplots(rows, cols, squeeze=False)).ravel()
-        any_under = any_nonfin = False
-        for ax, (run, key) in zip(axes, panels):
-            sub = gradnorms[(gradnorms["run"] == run) & (gradnorms["key"] == key)]
-            piv = heatmap_matrix(sub)
-            nf = heatmap_matrix(sub, "frac_nonfinite").to_numpy(dtype=float)
-            z = piv.to_numpy(dtype=float)
-            fin = z[np.isfinite(z)]
-            vmin, vmax = (float(fin.min()), float(fin.max())) if fin.size else (-1.0, 0.0)
-            if vmax - vmin < 0.1:
-                vmin, vmax = (vmin + vmax) / 2 - 0.05, (vmin + vmax) / 2 + 0.05
-            raster = z.size > RASTER_CELLS
-            xe = _edges(piv.columns.to_numpy(dtype=float))
-            ye = np.arange(len(piv.index) + 1, dtype=float)
-            mesh = ax.pcolormesh(
-                xe, ye, np.ma.masked_invalid(z), cmap=HEATMAP_CMAP, vmin=vmin, vmax=vmax, rasterized=raster, **_seamless(raster)
-            )
-            mesh.set_gid("q50")
-            under = np.isneginf(z)
-            nonfin = np.isnan(z) | np.isposinf(z)
-            if under.any():
-                any_under = True
-                m = ax.pcolormesh(xe, ye, np.ma.masked_where(~under, np.ones_like(z)),
-                                  cmap=ListedColormap([UNDERFLOW_COLOR]), rasterized=raster, **_seamless(raster))
-                m.set_gid("underflow")
-            if nonfin.any():
-                any_nonfin = True
-                m = ax.pcolormesh(xe, ye, np.ma.masked_where(~nonfin, np.ones_like(z)),
-                                  cmap=ListedColormap([NONFINITE_COLOR]), rasterized=raster, **_seamless(raster))
-                m.set_gid("nonfinite")
-            part = (nf > 0) & ~nonfin
-            if part.any():
-                any_nonfin = True
-                ii, jj = np.nonzero(part)
-                xc = (xe[:-1] + xe[1:]) / 2
-                pts = ax.scatter(xc[jj], ii + 0.5, s=6, color=NONFINITE_COLOR, marker="o", linewidths=0)
-                pts.set_gid("partial_nonfinite")
-            steps = piv.index.to_numpy()
-            ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int))
-            ax.set_yticks(ticks + 0.5, [f"{steps[i]:g}" for i in ticks])
-            ax.set_ylim(0, len(steps))
-            ax.set_xlim(xe[0], xe[-1])
-            ax.grid(False)
-            ax.set_title(f"{run} — {key}", loc="left")
-            ax.set_xlabel("timestep t")
-            ax.set_ylabel("training step")
-            cb = f.colorbar(mesh, ax=ax, aspect=25, pad=0.01, fraction=0.08)
-            cb.set_label("median ‖dL/ds_t‖ (log)", fontsize=7.5)
-            cb.ax.tick_params(labelsize=7)
-            log10_axis(cb.ax, "y")
-        for ax in axes[len(panels):]:
-            ax.remove()
-        handles = []
-        if any_under:
-            handles.append(Patch(color=UNDERFLOW_COLOR, label="exactly 0 (float32 underflow, or no path to the loss)"))
-        if any_nonfin:
-            handles.append(Patch(color=NONFINITE_COLOR, label="NaN / Inf (dot: some of the batch)"))
-        if handles:
-            f.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False)
-    return f
-
-
-def _seamless(raster: bool) -> dict:
-    """Vector quads drawn with edges in their own colour, so viewers show no hairline seams."""
-    return {} if raster else {"edgecolors": "face", "linewidth": 0.2}
-
+__all__ = ["fig_distance", "fit_intercept"]
 
 def fit_intercept(d: np.ndarray, y: np.ndarray, slope: float) -> float:
     """Least-squares intercept of ``y ≈ b + slope·d`` with the slope fixed (finite points only)."""
@@ -214,7 +107,9 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
                     any_fit = True
                     note += f"×{10 ** rate:.3g} per step"
                 hz, frac = float(row["horizon"]), float(row["fraction"])
-                if bool(row["horizon_censored"]) or not np.isfinite(hz):
+                if not np.isfinite(rate) and not np.isfinite(hz):
+                    note += "; no decay fit (no finite gradient)"
+                elif bool(row["horizon_censored"]) or not np.isfinite(hz):
                     note += f"; horizon > {d.max():g} steps"
                     ext = float(row.get("horizon_extrapolated", np.nan))
                     if np.isfinite(ext) and ext > 0:
@@ -227,6 +122,10 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
                 if bool(row["underflow"]):
                     note += "; float32 underflow"
                 notes[key] = note.lstrip("; ")
+            empty = _empty_panel_text(dr)
+            if empty:
+                ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", fontsize=7.5,
+                        color="0.15", bbox=dict(facecolor="white", edgecolor="0.6", alpha=0.9, pad=3))
             if near_limit:
                 ax.axhline(FLOAT32_SUBNORMAL_LOG10, color="0.4", ls=(0, (4, 2)), lw=0.8)
             keys = ordered(dr["key"])
@@ -252,8 +151,32 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
             handles.append(Line2D([], [], color=NONFINITE_COLOR, marker="x", ls="", label="some NaN/Inf"))
         if near_limit:
             handles.append(Line2D([], [], color="0.4", ls=(0, (4, 2)), label="float32 smallest value"))
-        f.legend(handles=handles, loc="outside lower center", ncol=3, frameon=False)
+        legend_below(f, handles, [h.get_label() for h in handles], max_cols=3)
     return f
+
+
+def _empty_panel_text(dr: pd.DataFrame) -> str:
+    """What to write in a distance panel whose median line draws nothing (every median exactly 0
+    or non-finite), per key; "" when some median is finite."""
+    lines = []
+    for key in ordered(dr["key"]):
+        s = dr[dr["key"] == key]
+        q = s["q50"].to_numpy(dtype=float)
+        if np.isfinite(q).any():
+            continue
+        who = f"{key}: " if dr["key"].nunique() > 1 else ""
+        if np.isneginf(q).all():
+            fz = s["frac_zero"].to_numpy(dtype=float)
+            fz = fz[np.isfinite(fz)]
+            share = ("" if not fz.size or fz.max() <= 0 else f"{fz.max():.0%}" if fz.min() == fz.max()
+                     else f"{fz.min():.0%}–{fz.max():.0%}")
+            lines.append(f"{who}median exactly 0 at every distance"
+                         + (f"\n({share} of the batch got no gradient at all)" if share else ""))
+        elif (np.isnan(q) | np.isposinf(q)).all():
+            lines.append(f"{who}no finite gradient: NaN/Inf at every distance")
+        else:
+            lines.append(f"{who}no finite median (exactly 0 or NaN/Inf at every distance)")
+    return "\n".join(lines)
 
 
 def _factor(frac: float) -> str:

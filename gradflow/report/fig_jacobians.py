@@ -22,6 +22,7 @@ from ._style import (
     NONFINITE_COLOR,
     PAGE_WIDTH,
     grid_shape,
+    legend_below,
     log10_axis,
     log_scale,
     new_figure,
@@ -34,7 +35,7 @@ from ._style import (
     styled,
 )
 
-__all__ = ["fig_spectra", "fig_products", "series_labels"]
+__all__ = ["fig_spectra", "fig_products", "series_labels", "lyapunov_ylim", "nonfinite_lyapunov"]
 
 
 def series_labels(df: pd.DataFrame) -> dict[tuple[str, str], str]:
@@ -55,7 +56,8 @@ def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFra
     run/key on a log σ axis (bins equal in log σ; heights are the fraction of that series' values),
     dashed line at σ = 1. σ = 0 exactly cannot sit on a log axis: their count is written in the
     legend. Bottom (from ``spectra_summary``): σ_max and spectral radius ρ per timestep (batch means),
-    reference at 1; log y axis when the values span more than a decade.
+    reference at 1; log y axis when the values (and 1) span more than a decade, exact zeros then
+    drawn as triangles at the bottom edge. The legend under the figure wraps to fit its width.
     """
     spectra = spectra if spectra is not None and len(spectra) else None
     summ = spectra_summary if spectra_summary is not None and len(spectra_summary) else None
@@ -76,6 +78,7 @@ def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFra
         gs = f.add_gridspec(n_rows, 2, height_ratios=[1.15, 1][:n_rows] if n_rows == 2 else [1])
         r = 0
         notes: dict[str, str] = {}
+        any_zero = False
         if spectra is not None:
             ax = f.add_subplot(gs[r, :])
             r += 1
@@ -84,6 +87,8 @@ def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFra
             has_rho = bool(np.isfinite(summ["spectral_radius"].to_numpy(float)).any())
             ax1 = f.add_subplot(gs[r, 0] if has_rho else gs[r, :])
             ax2 = f.add_subplot(gs[r, 1], sharey=ax1) if has_rho else None
+            vals = summ[["sigma_max", "spectral_radius"]].to_numpy(float)
+            logy = span_decades(np.r_[vals.ravel(), 1.0]) > 1
             for ax, col, name, sym in ((ax1, "sigma_max", r"largest singular value $\sigma_{max}$", r"$\sigma_{max}$"),
                                        (ax2, "spectral_radius", r"spectral radius $\rho$ (max |eigenvalue|)", r"$\rho$")):
                 if ax is None:
@@ -92,15 +97,20 @@ def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFra
                     s = summ[(summ["run"] == run) & (summ["key"] == key)].sort_values("t")
                     if s.empty:
                         continue
-                    (ln,) = ax.plot(s["t"].to_numpy(float), s[col].to_numpy(float), color=colors[lab], lw=1.4,
-                                    label=lab)
+                    t, y = s["t"].to_numpy(float), s[col].to_numpy(float)
+                    (ln,) = ax.plot(t, y, color=colors[lab], lw=1.4, label=lab)
                     ln.set_gid(f"{col}|{run}|{key}")
+                    zero = y == 0
+                    if logy and zero.any():  # exact zeros have no place on a log axis: ticks at the bottom
+                        any_zero = True
+                        pts = ax.scatter(t[zero], np.full(zero.sum(), 0.02), marker="v", s=14, color=colors[lab],
+                                         transform=ax.get_xaxis_transform(), clip_on=False, zorder=5)
+                        pts.set_gid(f"{col}_zero|{run}|{key}")
                 ax.axhline(1.0, color="black", ls="--", lw=0.9)
                 ax.set_xlabel("timestep t")
-                ax.set_ylabel(f"{sym} (mean over batch)")
+                ax.set_ylabel(f"{sym} (mean over batch{', log scale' if logy else ''})")
                 ax.set_title(name + r" of $\partial s_t/\partial s_{t-1}$", loc="left")
-            vals = summ[["sigma_max", "spectral_radius"]].to_numpy(float)
-            if span_decades(np.r_[vals.ravel(), 1.0]) > 1 and np.nanmin(vals) > 0:
+            if logy:
                 log_scale(ax1, "y")
             if ax2 is not None:
                 ax2.tick_params(labelleft=True)
@@ -108,7 +118,10 @@ def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFra
         ls = [f"{lab} ({notes[lab]})" if lab in notes else lab for lab in labels.values()]
         hs.append(Line2D([], [], color="black", ls="--", lw=0.9))
         ls.append("σ = 1 (neither grows nor shrinks)")
-        f.legend(hs, ls, loc="outside lower center", ncol=3 if len(hs) > 4 else len(hs), frameon=False)
+        if any_zero:
+            hs.append(Line2D([], [], color="0.3", marker="v", ls=""))
+            ls.append("exactly 0 at that t (the Jacobian is zero: no gradient passes)")
+        legend_below(f, hs, ls, max_cols=3)
     return f
 
 
@@ -136,9 +149,9 @@ def _sigma_hist(ax, spectra: pd.DataFrame, labels, colors) -> dict[str, str]:
         if (~ok).sum():
             nz, nn = int((v == 0).sum()), int((~np.isfinite(v)).sum())
             if nz:
-                extra.append(f"{nz} σ = 0 not shown")
+                extra.append(f"{nz:,} σ = 0 not shown")
             if nn:
-                extra.append(f"{nn} non-finite")
+                extra.append(f"{nn:,} non-finite")
         gt1 = float((v[np.isfinite(v)] > 1).mean()) if np.isfinite(v).any() else float("nan")
         notes[lab] = f"{gt1:.0%} of σ > 1" + ("; " + "; ".join(extra) if extra else "")
     ref = ax.axvline(1.0, color="black", ls="--", lw=0.9)
@@ -178,7 +191,9 @@ def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | 
     shared y axis is fitted to the three largest σ_i of every panel (what a gradient can keep);
     smaller ones may run off the bottom, and the panel then says down to which power of ten.
     Bottom (from ``lyapunov``): exponent λ_i (ln per step) against rank with ± stderr bars, one
-    line per run/key, dashed line at 0.
+    line per run/key, dashed line at 0; −∞ exponents (a direction mapped exactly to 0) as triangles at
+    the bottom edge; the y range is fitted to the largest exponents (:func:`lyapunov_ylim`) and the
+    panel says how far smaller ones go and which run/key has no finite exponent at all.
     """
     products = products if products is not None and len(products) else None
     lyapunov = lyapunov if lyapunov is not None and len(lyapunov) else None
@@ -192,7 +207,7 @@ def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | 
         panels = ordered(zip(products["run"], products["key"])) if products is not None else []
         rows, cols = grid_shape(len(panels), 3) if panels else (0, 0)
         h_top = 0.6 + 2.2 * rows if panels else 0
-        h_bot = 3.0 if lyapunov is not None else 0
+        h_bot = 3.4 if lyapunov is not None else 0
         f = new_figure(PAGE_WIDTH, h_top + h_bot + 0.3, target)
         if panels and lyapunov is not None:
             top, bot = f.subfigures(2, 1, height_ratios=[h_top, h_bot])
@@ -235,22 +250,87 @@ def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | 
                               aspect=25, pad=0.02)
             cb.set_label("rank i (0 = largest)" if ranks.min() == 0 else "rank i (1 = largest)")
             cb.ax.yaxis.get_major_locator().set_params(integer=True)
-            top.suptitle("singular values of Jacobian products over k steps (dashed: σ = 1)", x=0.01,
+            top.suptitle("singular values of Jacobian products over k steps (dashed: σ = 1)", x=0.03,
                          ha="left", fontsize=9.5)
         if lyapunov is not None:
-            ax = bot.subplots()
-            labels = series_labels(lyapunov)
-            colors = palette(list(labels.values()))
-            for (run, key), lab in labels.items():
-                s = lyapunov[(lyapunov["run"] == run) & (lyapunov["key"] == key)].sort_values("rank")
-                eb = ax.errorbar(s["rank"].to_numpy(float), s["exponent"].to_numpy(float),
-                                 yerr=s["stderr"].to_numpy(float), color=colors[lab], marker="o", ms=3, lw=1.2,
-                                 capsize=2, label=lab)
-                eb.lines[0].set_gid(f"lyapunov|{run}|{key}")
-            ax.axhline(0.0, color="black", ls="--", lw=0.9, label="0 (neither grows nor shrinks)")
-            ax.set_xlabel("index i (exponents sorted, largest first)")
-            ax.set_ylabel(r"$\lambda_i$ (ln per step)")
-            ax.set_title("Lyapunov spectrum (mean over batch ± standard error)", loc="left")
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.legend(loc="best", fontsize=7.5, ncol=2 if len(labels) > 4 else 1)
+            _lyapunov(bot.subplots(), bot, lyapunov)
     return f
+
+
+def lyapunov_ylim(lyapunov: pd.DataFrame) -> tuple[float, float, float]:
+    """y range of the Lyapunov panel: the three largest finite exponents of every run/key and 0 are
+    shown with room below (at least 1, or twice their spread); smaller exponents (dead or strongly
+    contracting directions, down to tens below 0) may run off the bottom, and the panel then says
+    how far. Returns (low, high, lowest finite exponent)."""
+    e = lyapunov["exponent"].to_numpy(float)
+    fin = np.isfinite(e)
+    if not fin.any():
+        return -1.0, 1.0, float("nan")
+    lowest, highest = float(e[fin].min()), max(float(e[fin].max()), 0.0)
+    sub = lyapunov[fin]
+    top = sub.groupby(["run", "key"], sort=False)["exponent"].rank(method="first", ascending=False)
+    lo_top = float(sub["exponent"].to_numpy(float)[top.to_numpy() <= 3].min())
+    lo = max(lowest, lo_top - max(1.0, 2 * (highest - lo_top)))
+    pad = 0.06 * max(highest - lo, 0.1)
+    return lo - pad, highest + pad, lowest
+
+
+def nonfinite_lyapunov(lyapunov: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(run, key) -> what is not finite among its exponents, e.g. "all −∞" or "3 of 32 −∞; 1 NaN"."""
+    out = {}
+    for (run, key), s in lyapunov.groupby(["run", "key"], sort=False):
+        e = s["exponent"].to_numpy(float)
+        n, ninf, nan, pinf = len(e), int(np.isneginf(e).sum()), int(np.isnan(e).sum()), int(np.isposinf(e).sum())
+        parts = []
+        for k, what in ((ninf, "−∞"), (nan, "NaN"), (pinf, "+∞")):
+            if k:
+                parts.append(f"all {what}" if k == n else f"{k} of {n} {what}")
+        if parts:
+            out[(run, key)] = "; ".join(parts)
+    return out
+
+
+def _lyapunov(ax, fig, lyapunov: pd.DataFrame) -> None:
+    """Exponents against rank with ± stderr; −∞ as triangles at the bottom edge (a direction mapped
+    exactly to 0), y range from :func:`lyapunov_ylim`, legend under the panel."""
+    labels = series_labels(lyapunov)
+    colors = palette(list(labels.values()))
+    bad = nonfinite_lyapunov(lyapunov)
+    ylo, yhi, lowest = lyapunov_ylim(lyapunov)
+    hs, ls, any_neginf, undrawn = [], [], False, []
+    for (run, key), lab in labels.items():
+        s = lyapunov[(lyapunov["run"] == run) & (lyapunov["key"] == key)].sort_values("rank")
+        x, e = s["rank"].to_numpy(float), s["exponent"].to_numpy(float)
+        eb = ax.errorbar(x, e, yerr=s["stderr"].to_numpy(float), color=colors[lab], marker="o", ms=3, lw=1.2,
+                         capsize=2)
+        eb.lines[0].set_gid(f"lyapunov|{run}|{key}")
+        ninf = np.isneginf(e)
+        if ninf.any():
+            any_neginf = True
+            pts = ax.scatter(x[ninf], np.full(ninf.sum(), 0.03), marker="v", s=16, color=colors[lab],
+                             transform=ax.get_xaxis_transform(), clip_on=False, zorder=5)
+            pts.set_gid(f"lyapunov_neginf|{run}|{key}")
+        elif not np.isfinite(e).any():
+            undrawn.append(f"{lab} ({bad[(run, key)]})")
+        hs.append(Line2D([], [], color=colors[lab], marker="o", ms=3, lw=1.2))
+        ls.append(f"{lab} ({bad[(run, key)]})" if (run, key) in bad else lab)
+    ax.axhline(0.0, color="black", ls="--", lw=0.9)
+    hs.append(Line2D([], [], color="black", ls="--", lw=0.9))
+    ls.append("0 (neither grows nor shrinks)")
+    if any_neginf:
+        hs.append(Line2D([], [], color="0.3", marker="v", ls=""))
+        ls.append("−∞ (a direction mapped exactly to 0)")
+    ax.set_ylim(ylo, yhi)
+    notes = []
+    if np.isfinite(lowest) and lowest < ylo:
+        notes.append(f"smaller exponents continue down to {lowest:.3g}")
+    if undrawn:
+        notes.append("not drawn (no finite exponent): " + ", ".join(undrawn))
+    if notes:
+        ax.text(0.99, 0.04, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+                color="0.2", bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=1.5))
+    ax.set_xlabel("index i (exponents sorted, largest first)")
+    ax.set_ylabel(r"$\lambda_i$ (ln per step)")
+    ax.set_title("Lyapunov spectrum (mean over batch ± standard error)", loc="left")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    legend_below(fig, hs, ls, max_cols=3, fontsize=7.5)

@@ -17,6 +17,7 @@ from ..errors import GradflowError
 from ._style import (
     NONFINITE_COLOR,
     PAGE_WIDTH,
+    legend_below,
     log10_axis,
     log_scale,
     new_figure,
@@ -25,10 +26,11 @@ from ._style import (
     require,
     span_decades,
     styled,
+    wrap_title,
 )
 from .fig_jacobians import series_labels
 
-__all__ = ["fig_gates", "fig_clipping", "GATE_NAMES", "clip_rates"]
+__all__ = ["fig_gates", "fig_clipping", "GATE_NAMES", "clip_rates", "clip_steps"]
 
 GATE_NAMES = {
     "i": "input gate i", "f": "forget gate f", "g": "candidate g (tanh)", "o": "output gate o",
@@ -55,6 +57,7 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
     with styled():
         f = new_figure(PAGE_WIDTH, 0.7 + 2.0 * len(series), target)
         axes = f.subplots(len(series), ncols, squeeze=False, sharex=True)
+        title_w = f.bbox.width / f.figure.dpi / ncols - 0.1
         for i, (run, key) in enumerate(series):
             s = gates[(gates["run"] == run) & (gates["key"] == key)]
             gl = ordered(s["gate"])
@@ -84,7 +87,8 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
                 q = s.loc[s["gate"] == g, "q25"].to_numpy(float)
                 lo = float(np.nanmin(q)) if np.isfinite(q).any() else 0.0
                 ax.set_ylim(-1.05 if lo < -0.02 else -0.02, 1.02)
-                ax.set_title(f"{labels[(run, key)]}: {GATE_NAMES.get(g, 'gate ' + g)}", loc="left", fontsize=8.5)
+                ax.set_title(wrap_title(f"{labels[(run, key)]}: {GATE_NAMES.get(g, 'gate ' + g)}", title_w, 8.5,
+                                        sep=": "), loc="left", fontsize=8.5)
                 ax.set_xlabel("timestep t")
                 if j == 0:
                     ax.set_ylabel("activation")
@@ -94,11 +98,9 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
             hs = [Line2D([], [], color=colors[c], lw=0.8 if c == "all" else 1.3, ls=":" if c == "all" else "-")
                   for c in order]
             labels_ = [f"{c} (all tokens)" if c == "all" else c for c in order]
-            f.legend(hs, labels_, loc="outside lower center", ncol=min(len(order), 5), frameon=False,
-                     title="token class (line: mean over batch, band: 25–75%)")
+            legend_below(f, hs, labels_, max_cols=5, title="token class (line: mean over batch, band: 25–75%)")
         else:
-            f.legend([Line2D([], [], color=colors["all"], lw=1.3)], ["mean over batch (band: 25–75%)"],
-                     loc="outside lower center", frameon=False)
+            legend_below(f, [Line2D([], [], color=colors["all"], lw=1.3)], ["mean over batch (band: 25–75%)"])
     return f
 
 
@@ -121,11 +123,12 @@ def fig_clipping(metrics: pd.DataFrame | None = None, clip_timesteps: pd.DataFra
                  target: Callable | None = None):
     """Training loss, global gradient norm before/after clipping, clipping rate, per-timestep norms.
 
-    From ``metrics``: (a) loss per step, one line per run (log y when it spans > 1 decade); a red
-    cross at a run's ``diverged_at`` step and red ticks at the top where the loss is NaN/Inf;
-    (b) ``grad_norm_before`` (solid) and ``grad_norm_after`` (dashed), log y; (c) fraction of steps
-    with ``clipped`` true, per run. From ``clip_timesteps``: (d) log10 norm of the per-timestep
-    gradient before (solid) and after (dashed) clipping at the recorded step(s).
+    From ``metrics``: (a) loss per step, one line per run (log y when it spans > 1 decade, exact
+    zeros then as triangles at the bottom edge); a red cross at a run's ``diverged_at`` step and red
+    ticks at the top where the loss is NaN/Inf; (b) ``grad_norm_before`` (solid) and
+    ``grad_norm_after`` (dashed), log y; (c) fraction of steps with ``clipped`` true, per run. From
+    ``clip_timesteps``: (d) log10 norm of the per-timestep gradient before (solid) and after (dashed)
+    clipping at one recorded step per run (:func:`clip_steps`, named in the legend).
     ``clip_text`` maps run -> e.g. "clip norm ≤ 1" for the legend.
     """
     metrics = metrics if metrics is not None and len(metrics) else None
@@ -157,15 +160,45 @@ def fig_clipping(metrics: pd.DataFrame | None = None, clip_timesteps: pd.DataFra
         else:
             f = new_figure(PAGE_WIDTH, 0.9 + 3.2, target)
             _timesteps(f.add_subplot(), ct, colors)
+        shown = clip_steps(ct) if ct is not None else {}
         hs = [Line2D([], [], color=colors[r], lw=1.6) for r in runs]
-        ls = [f"{r} ({clip_text[r]})" if r in clip_text else r for r in runs]
+        ls = []
+        for r in runs:
+            bits = [clip_text[r]] if r in clip_text else []
+            if r in shown and len(set(shown.values())) > 1:
+                bits.append(f"(d) at step {shown[r]:g}")
+            ls.append(f"{r} ({'; '.join(bits)})" if bits else r)
         hs += [Line2D([], [], color="0.3", lw=1.4), Line2D([], [], color="0.3", ls="--", lw=1.4)]
         ls += ["before clipping", "after clipping"]
         if diverged_at:
             hs.append(Line2D([], [], color=NONFINITE_COLOR, marker="x", ls=""))
-            ls.append("diverged (red ticks at top: NaN/Inf)")
-        f.legend(hs, ls, loc="outside lower center", ncol=min(len(hs), 4), frameon=False)
+            ls.append("diverged (red ticks at the top: loss or norm NaN/Inf)")
+        if f.findobj(lambda a: (a.get_gid() or "").split("|")[0] in ("loss_zero", "norm_zero")):
+            hs.append(Line2D([], [], color="0.3", marker="v", ls=""))
+            ls.append("exactly 0 (no place on a log axis)")
+        legend_below(f, hs, ls, max_cols=3)
     return f
+
+
+def clip_steps(ct: pd.DataFrame) -> dict[str, float]:
+    """run -> the recorded step panel (d) shows: the one where clipping shrank the per-timestep norms
+    most, or, where clipping never changed them, the last step with a finite norm."""
+    out = {}
+    for run, s in ct.groupby("run", sort=False):
+        piv = s.pivot_table(index=["step", "key", "t"], columns="when", values="log10_norm", aggfunc="first")
+        steps = ordered(s["step"])
+        best = None
+        if {"before", "after"} <= set(piv.columns):
+            d = (piv["before"] - piv["after"]).replace([np.inf, -np.inf], np.nan)
+            g = d.groupby(level="step").max()
+            g = g[g > 1e-9]
+            if len(g):
+                best = g.idxmax()
+        if best is None:
+            fin = s.loc[np.isfinite(s["log10_norm"].to_numpy(float)), "step"]
+            best = ordered(fin)[-1] if len(fin) else steps[-1]
+        out[run] = best
+    return out
 
 
 def _loss(ax, m, runs, colors, diverged_at):
@@ -187,10 +220,12 @@ def _loss(ax, m, runs, colors, diverged_at):
             mk = ax.plot([diverged_at[r]], [yv], marker="x", ms=8, mew=2, color=NONFINITE_COLOR, ls="")[0]
             mk.set_gid(f"diverged|{r}")
     y = m["loss"].to_numpy(float)
-    if span_decades(y) > 1 and np.nanmin(np.where(np.isfinite(y), y, np.nan)) > 0:
+    logy = span_decades(y) > 1
+    if logy:
         log_scale(ax, "y")
+        _zero_ticks(ax, m, "loss", runs, colors, "loss_zero")
     ax.set_xlabel("training step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss" + (" (log scale)" if logy else ""))
     ax.set_title("(a) loss", loc="left")
 
 
@@ -210,9 +245,21 @@ def _norms(ax, m, runs, colors):
     v = m[["grad_norm_before", "grad_norm_after"]].to_numpy(float)
     if (v[np.isfinite(v)] > 0).any():
         log_scale(ax, "y")
+        _zero_ticks(ax, m, "grad_norm_before", runs, colors, "norm_zero")
     ax.set_xlabel("training step")
     ax.set_ylabel("global gradient norm ‖g‖ (log scale)")
     ax.set_title("(b) global norm before / after clipping", loc="left")
+
+
+def _zero_ticks(ax, m, col, runs, colors, gid):
+    """Triangles at the bottom edge of a log axis at the steps where ``col`` is exactly 0."""
+    for r in runs:
+        s = m[m["run"] == r].sort_values("step")
+        zero = s[col].to_numpy(float) == 0
+        if zero.any():
+            pts = ax.scatter(s["step"].to_numpy(float)[zero], np.full(zero.sum(), 0.02), marker="v", s=12,
+                             color=colors[r], transform=ax.get_xaxis_transform(), clip_on=False, zorder=5)
+            pts.set_gid(f"{gid}|{r}")
 
 
 def _rates(ax, m, colors):
@@ -232,8 +279,10 @@ def _rates(ax, m, colors):
 
 
 def _timesteps(ax, ct, colors):
-    steps = ordered(ct["step"])
+    shown = clip_steps(ct)
     for (r, key, step), s in ct.groupby(["run", "key", "step"], sort=False):
+        if step != shown[r]:
+            continue
         for when, ls in (("before", "-"), ("after", "--")):
             sw = s[s["when"] == when].sort_values("t")
             if sw.empty:
@@ -244,5 +293,6 @@ def _timesteps(ax, ct, colors):
     ax.set_xlabel("timestep t")
     ax.set_ylabel("per-timestep gradient norm (log scale)")
     log10_axis(ax, "y")
-    where = ", ".join(f"{s:g}" for s in steps[:4]) + ("…" if len(steps) > 4 else "")
-    ax.set_title(f"(d) per-timestep norm at step {where}", loc="left")
+    steps = ordered(shown.values())
+    where = f"at step {steps[0]:g}" if len(steps) == 1 else "(step: see legend)"
+    ax.set_title(f"(d) per-timestep norm {where}", loc="left")

@@ -15,11 +15,9 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
-from matplotlib.font_manager import FontProperties
-from matplotlib.textpath import TextToPath
 
 from .. import __version__
-from ._style import styled
+from ._style import line_width_pt, styled
 from .html import flagged_lines
 from .load import RunSet
 from .sections import Omitted, Section, Table, run_rows
@@ -29,7 +27,6 @@ __all__ = ["render_pdf"]
 PAGE_W, PAGE_H = 8.27, 11.69  # A4, inches
 MARGIN = 0.6
 TEXT_W = PAGE_W - 2 * MARGIN
-_T2P = TextToPath()
 
 
 def _esc(s: str) -> str:
@@ -38,8 +35,7 @@ def _esc(s: str) -> str:
 
 
 def _width_in(s: str, size: float, weight: str = "normal") -> float:
-    w, _, _ = _T2P.get_text_width_height_descent(s, FontProperties(size=size, weight=weight), ismath=False)
-    return w / 72.0
+    return line_width_pt(s, size, weight) / 72.0
 
 
 def wrap(text: str, width_in: float, size: float, weight: str = "normal") -> list[str]:

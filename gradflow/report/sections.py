@@ -15,10 +15,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .fig_gradients import fig_distance, fig_gradnorm_heatmap
+from .fig_gradients import fig_distance
+from .fig_heatmap import fig_gradnorm_heatmap
 from .fig_jacobians import fig_products, fig_spectra
 from .fig_training import clip_rates, fig_clipping, fig_gates
 from .load import RunSet, fmt_number
+from .notes import coverage_notes, flag_notes, lyapunov_notes, zero_median_notes
 
 __all__ = ["Section", "Table", "plan", "run_rows", "RUN_COLUMNS", "verdict_table"]
 
@@ -64,9 +66,11 @@ EXPLAIN = {
         "gradient enters at the right edge and flows leftwards through the recurrence: colour fading "
         "towards the left means it vanishes with distance, brightening means it explodes. Each panel "
         "has its own logarithmic colour scale (read the colour bar; compare runs in the next figure). "
-        "Grey cells: the median gradient was exactly 0, either float32 underflow (the true value is below "
-        "float32 range, not zero) or no path to the loss at that step (an LSTM cell state at the last step); "
-        "red: NaN or Inf."
+        "Hatched cells: at least half of the batch got a gradient of exactly 0 there (a saturated output "
+        "whose loss gradient is 0 in float32, or dead ReLU units), so the median is 0; the colour then "
+        "shows the 95th percentile, what the rest of the batch received. Grey cells: (nearly) the whole "
+        "batch got exactly 0, from float32 underflow (the true value is below float32 range, not zero), no "
+        "path to the loss (an LSTM cell state at the last step) or no gradient at all; red: NaN or Inf."
     ),
     "distance": (
         "Median gradient norm against temporal distance (how many steps separate the state from the "
@@ -74,23 +78,27 @@ EXPLAIN = {
         "A straight falling line means exponential vanishing; the dashed line has the fitted slope, "
         "written in the legend as the factor the gradient is multiplied by per step. The dotted line is "
         "the memory horizon: the distance where the gradient has fallen by the stated factor. Triangles "
-        "at the bottom mark distances where some gradients were exactly 0 in float32: the true value is "
-        "below float32 range, not zero."
+        "at the bottom mark distances where some gradients were exactly 0 in float32: either underflow "
+        "(the true value is below float32 range, not zero) or no gradient at all for those batch items "
+        "(a saturated output, dead ReLU units)."
     ),
     "spectra": (
         "Singular values σ of the per-step Jacobians ∂s_t/∂s_(t-1): a gradient passing one step is "
         "stretched by σ > 1 and shrunk by σ < 1 along each direction. Mass left of the dashed line "
         "σ = 1 means gradients shrink at every step (vanishing); values right of it allow growth "
         "(explosion). Below: the largest singular value σ_max and the spectral radius ρ (largest "
-        "|eigenvalue|) at each timestep, averaged over the batch. σ_max < 1 everywhere guarantees "
-        "vanishing; ρ > 1 over many steps makes explosion likely."
+        "|eigenvalue|) at each timestep, averaged over the batch (log scale when they span decades; "
+        "triangles at the bottom mark timesteps where the Jacobian is exactly 0, e.g. every ReLU unit "
+        "inactive). σ_max < 1 everywhere guarantees vanishing; ρ > 1 over many steps makes explosion likely."
     ),
     "products": (
         "Top: singular values of the product of k consecutive Jacobians, i.e. how much k steps together "
         "can stretch (σ > 1, above the dashed line) or shrink (below) a gradient, one line per "
-        "direction (colour = rank, 0 the largest). The top line is the most any gradient can keep over "
-        "k steps. Bottom: the Lyapunov spectrum, the average growth rate per step of each direction in "
-        "natural log units: exponents below 0 vanish like e^(λk), above 0 explode."
+        "direction (colour = rank, darkest the largest). The top line is the most any gradient can keep "
+        "over k steps. Bottom: the Lyapunov spectrum, the average growth rate per step of each direction "
+        "in natural log units: exponents below 0 vanish like e^(λk), above 0 explode. Its axis is fitted "
+        "to the largest exponents, which decide what a gradient keeps; smaller ones may run off the bottom "
+        "(the panel says how far), and −∞ (a direction mapped exactly to 0) are triangles at the bottom."
     ),
     "gates": (
         "Mean gate activation at each timestep (band: 25–75% over the batch), split by token class when "
@@ -102,7 +110,8 @@ EXPLAIN = {
     "clipping": (
         "(a) Training loss per step. (b) Global gradient norm before clipping (solid) and after "
         "(dashed, log scale); the gap is what clipping removed. (c) Share of steps on which clipping "
-        "fired. (d) Per-timestep gradient norms before and after clipping at one step: clipping by "
+        "fired. (d) Per-timestep gradient norms before and after clipping at one recorded step per run "
+        "(the step where clipping cut most, else the last; named in the legend): clipping by "
         "global norm rescales every timestep by the same factor, so it caps an explosion but cannot "
         "bring back a gradient that has vanished."
     ),
@@ -142,40 +151,6 @@ def plan(rs: RunSet) -> tuple[list[Section], list[Omitted]]:
     return out, omitted
 
 
-def _missing_runs(rs: RunSet, name: str) -> list[str]:
-    if not rs.has(name):
-        return []
-    present = set(rs.table(name)["run"])
-    return [r.label for r in rs.runs if r.label not in present]
-
-
-def _coverage_notes(rs: RunSet, names) -> list[str]:
-    """"Not shown for RUN: no rows in a.csv, b.csv." for each run lacking some of the tables."""
-    missing: dict[str, list[str]] = {}
-    for n in names:
-        for run in _missing_runs(rs, n):
-            missing.setdefault(run, []).append(f"{n}.csv")
-    return [f"Not shown for {run}: no rows in {', '.join(files)}." for run, files in missing.items()]
-
-
-def _flag_notes(rs: RunSet, names) -> list[str]:
-    shown = set()
-    for n in names:
-        if rs.has(n):
-            shown |= set(rs.table(n)["run"])
-    return [flag_text(r) for r in rs.runs if r.label in shown and r.flagged]
-
-
-def flag_text(r) -> str:
-    """One warning line for a run that did not finish normally."""
-    if r.status == "diverged":
-        at = f" at step {r.diverged_at}" if r.diverged_at is not None else ""
-        return f"⚠ {r.label} diverged{at}: values from there on may be NaN/Inf (marked red)."
-    if r.status == "running":
-        return f"⚠ {r.label} was still running when this report was built: its tables may be incomplete."
-    return f"⚠ {r.label} {r.status}: its tables may be incomplete."
-
-
 def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The verdicts as a display frame (run, state, verdict, detail, kind), e.g. for a terminal;
     ``kind`` is vanishing / exploding / nonfinite / ok / neutral."""
@@ -194,7 +169,7 @@ def _summary(rs: RunSet, have) -> Section:
         classes.append(cls + (" flagged" if r["run"] in flagged else ""))
     return Section(
         "summary", TITLES["summary"], EXPLAIN["summary"], have,
-        notes=tuple(_coverage_notes(rs, have) + _flag_notes(rs, have)),
+        notes=tuple(coverage_notes(rs, have) + flag_notes(rs, have)),
         table=Table(("run", "state", "verdict", "detail"), tuple(rows), tuple(classes)),
     )
 
@@ -215,10 +190,8 @@ def verdict_class(verdict: str) -> str:
 
 def _gradnorms(rs: RunSet, have) -> Section:
     g = rs.table("gradnorms")
-    notes = _coverage_notes(rs, have) + _flag_notes(rs, have)
-    under = g.loc[np.isneginf(g["q50"].to_numpy(float)), "run"]
-    for run in dict.fromkeys(under):
-        notes.append(f"{run}: some cells are grey (median gradient exactly 0).")
+    notes = coverage_notes(rs, have) + flag_notes(rs, have)
+    notes += zero_median_notes(g)
     return Section(
         "gradnorms", TITLES["gradnorms"], EXPLAIN["gradnorms"], have, tuple(notes),
         draw=lambda target=None: fig_gradnorm_heatmap(g, target=target),
@@ -229,7 +202,7 @@ def _gradnorms(rs: RunSet, have) -> Section:
 def _distance(rs: RunSet, have) -> Section:
     d = rs.table("distance") if rs.has("distance") else None
     dec = rs.table("decay") if rs.has("decay") else None
-    notes = _coverage_notes(rs, have) + _flag_notes(rs, have)
+    notes = coverage_notes(rs, have) + flag_notes(rs, have)
     if d is None:
         notes.append("distance.csv is absent: only the fitted decay table is shown.")
     elif dec is None:
@@ -239,23 +212,33 @@ def _distance(rs: RunSet, have) -> Section:
                      "one for that slope, since decay.csv stores no intercept.")
     if d is not None and "frac_nonfinite" in d.columns:
         for run in dict.fromkeys(d.loc[d["frac_nonfinite"] > 0, "run"]):
-            notes.append(f"{run}: NaN/Inf gradients at some distances (red crosses at the top).")
+            every = bool((d.loc[d["run"] == run, "frac_nonfinite"] > 0).all())
+            notes.append(f"{run}: NaN/Inf gradients at {'every distance' if every else 'some distances'} "
+                         "(red crosses at the top).")
     for run in dict.fromkeys(d.loc[d["frac_zero"] > 0, "run"]) if d is not None else ():
-        fz = d.loc[d["run"] == run, "frac_zero"]
-        notes.append(f"{run}: up to {fz.max():.0%} of gradients exactly 0 at some distances (float32 underflow, "
-                     "or no path to the loss).")
+        sel = d["run"] == run
+        fz = d.loc[sel, "frac_zero"]
+        where = "every distance" if bool((fz > 0).all()) else "some distances"
+        line = "; the median is exactly 0 everywhere, so no line is drawn" if np.isneginf(
+            d.loc[sel, "q50"].to_numpy(float)).all() else ""
+        notes.append(f"{run}: up to {fz.max():.0%} of gradients exactly 0 at {where} (float32 underflow, no path "
+                     f"to the loss, or no gradient at all: a saturated output, dead units){line}.")
     table = None
     if dec is not None:
         rows = []
         for _, r in dec.iterrows():
             rate = float(r["decay_rate"])
-            ci = f"[{float(r['ci_low']):.3g}, {float(r['ci_high']):.3g}]"
+            lo_, hi_ = float(r["ci_low"]), float(r["ci_high"])
+            ci = f"[{lo_:.3g}, {hi_:.3g}]" if math.isfinite(lo_) and math.isfinite(hi_) else "—"
             hz = ("not reached" if bool(r["horizon_censored"]) or not math.isfinite(float(r["horizon"]))
                   else f"{float(r['horizon']):.3g}")
+            if not math.isfinite(rate) and not math.isfinite(float(r["horizon"])):
+                hz = "— (no finite gradient to fit)"
             ext = float(r.get("horizon_extrapolated", math.nan))
             if hz == "not reached" and math.isfinite(ext) and ext > 0:
                 hz += f" (≈{ext:.3g} extrapolated)"
-            rows.append((r["run"], r["key"], f"{rate:.3g}", ci, f"{10 ** rate:.3g}×" if math.isfinite(rate) else "—",
+            ok = math.isfinite(rate)
+            rows.append((r["run"], r["key"], f"{rate:.3g}" if ok else "—", ci, f"{10 ** rate:.3g}×" if ok else "—",
                          hz, f"{float(r['fraction']):.3g}", "yes" if bool(r["underflow"]) else "no"))
         table = Table(("run", "state", "decay rate (log10/step)", "95% CI", "factor per step",
                        "horizon (steps)", "horizon threshold", "float32 underflow"), tuple(rows))
@@ -270,7 +253,7 @@ def _distance(rs: RunSet, have) -> Section:
 def _spectra(rs: RunSet, have) -> Section:
     sp = rs.table("spectra") if rs.has("spectra") else None
     ss = rs.table("spectra_summary") if rs.has("spectra_summary") else None
-    notes = _coverage_notes(rs, have)
+    notes = coverage_notes(rs, have)
     if sp is None:
         notes.append("spectra.csv is absent: the distribution of singular values is not shown.")
     else:
@@ -295,11 +278,13 @@ def _spectra(rs: RunSet, have) -> Section:
 def _products(rs: RunSet, have) -> Section:
     pr = rs.table("products") if rs.has("products") else None
     ly = rs.table("lyapunov") if rs.has("lyapunov") else None
-    notes = _coverage_notes(rs, have)
+    notes = coverage_notes(rs, have)
     if pr is None:
         notes.append("products.csv is absent: singular values of products over distance are not shown.")
     if ly is None:
         notes.append("lyapunov.csv is absent: the Lyapunov spectrum is not shown.")
+    else:
+        notes += lyapunov_notes(ly)
     return Section(
         "products", TITLES["products"], EXPLAIN["products"], have, tuple(notes),
         draw=lambda target=None: fig_products(pr, ly, target=target),
@@ -325,7 +310,7 @@ def name_token_classes(gates: pd.DataFrame, rs: RunSet) -> pd.DataFrame:
 
 def _gates(rs: RunSet, have) -> Section:
     g = name_token_classes(rs.table("gates"), rs)
-    notes = _coverage_notes(rs, have)
+    notes = coverage_notes(rs, have)
     if set(g["token_class"]) == {"all"}:
         notes.append("The task has no token classes: one line per gate.")
     return Section(
@@ -338,7 +323,7 @@ def _gates(rs: RunSet, have) -> Section:
 def _clipping(rs: RunSet, have) -> Section:
     m = rs.table("metrics") if rs.has("metrics") else None
     ct = rs.table("clip_timesteps") if rs.has("clip_timesteps") else None
-    notes = _coverage_notes(rs, have) + _flag_notes(rs, have)
+    notes = coverage_notes(rs, have) + flag_notes(rs, have)
     if m is None:
         notes.append("metrics.csv is absent: loss, global norms and clipping rate are not shown.")
     if ct is None:

@@ -14,11 +14,21 @@ def study_dir(tmp_path_factory) -> Path:
     return make_study(tmp_path_factory.mktemp("study") / "cells")
 
 
-@pytest.fixture
-def runset(study_dir):
+@pytest.fixture(scope="session")
+def _loaded(study_dir):
     from gradflow.report import load_runs
 
     return load_runs([study_dir])
+
+
+@pytest.fixture
+def runset(_loaded):
+    """The synthetic study loaded once per session, handed to each test with its own table copies."""
+    from types import MappingProxyType
+
+    from gradflow.report import RunSet
+
+    return RunSet(_loaded.runs, _loaded.studies, MappingProxyType({k: v.copy() for k, v in _loaded.tables.items()}))
 
 
 @pytest.fixture

@@ -286,3 +286,22 @@ def test_token_classes_are_named_from_the_task(runset):
     fig = gates.draw()
     legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
     assert legend == ["relevant", "irrelevant"]
+
+
+def test_diverged_run_without_a_decay_fit_reads_as_such(tmp_path):
+    """A run whose gradients are all NaN has no fit: the table says so instead of printing "nan"."""
+    import numpy as np
+    import pandas as pd
+
+    d = make_run(tmp_path / "runs" / "irnn", "irnn", tables=("distance", "decay"))
+    dec = pd.read_csv(d / "decay.csv").assign(decay_rate=np.nan, ci_low=np.nan, ci_high=np.nan, horizon=np.nan)
+    dec.to_csv(d / "decay.csv", index=False)
+    dist = pd.read_csv(d / "distance.csv").assign(q05=np.nan, q25=np.nan, q50=np.nan, q75=np.nan, q95=np.nan,
+                                                   frac_nonfinite=1.0, frac_zero=0.0)
+    dist.to_csv(d / "distance.csv", index=False)
+    sections, _ = plan(load_runs([d]))
+    (s,) = [x for x in sections if x.id == "distance"]
+    (row,) = s.table.rows
+    assert "nan" not in " ".join(row).lower()
+    assert row[2:6] == ("—", "—", "—", "— (no finite gradient to fit)")
+    assert "irnn: NaN/Inf gradients at every distance (red crosses at the top)." in s.notes
