@@ -127,10 +127,14 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
             detail.append(f"top Lyapunov exponent {top:+.3g}/step")
         if dec is not None and len(dec):
             r = dec.iloc[0]
-            detail.append(f"decay rate {r.decay_rate:+.3g} log10/step (95% CI {r.ci_low:+.3g} to {r.ci_high:+.3g})")
+            if math.isfinite(r.decay_rate):
+                detail.append(f"decay rate {r.decay_rate:+.3g} log10/step (95% CI {r.ci_low:+.3g} to {r.ci_high:+.3g})")
+            else:
+                detail.append("no finite gradient to fit a decay rate")
             f = _fmt_factor(1 / float(r.fraction))
             span = int(dist["distance"].max()) if dist is not None and len(dist) else None
-            if r.decay_rate > 0 and not r.ci_low <= 0:  # CI above 0 (or unknown)
+            grows_decade = span is None or r.decay_rate * span >= 1  # at least 10× over the sequence
+            if r.decay_rate > 0 and not r.ci_low <= 0 and grows_decade:  # CI above 0 (or unknown)
                 over = f" over {span} steps" if span else ""
                 grow = 10 ** (r.decay_rate * span) if span else math.nan
                 verdict = (f"exploding: gradient grows {_fmt_factor(grow)}×{over}" if span and math.isfinite(grow)
