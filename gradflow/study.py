@@ -111,6 +111,7 @@ def analyse_run(run_dir: str | Path, analysis: Mapping[str, Any] | None = None, 
     from .spec import ANALYSIS_DEFAULTS
 
     opts = {**ANALYSIS_DEFAULTS, **dict(analysis or {})}
+    opts.setdefault("per_step_loss", (doc.get("task") or {}).get("readout") == "all")
     if not (run_dir / "trace" / "trace.json").exists():
         tables = {"summary": pd.DataFrame([{
             "key": "(run)", "verdict": _status_verdict(doc) or "no trace recorded",
@@ -147,7 +148,8 @@ def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = N
     Distance, decay and gate statistics use the whole batch; Jacobian spectra, products over
     distance and Lyapunov exponents (the joint state of a unit, computed once per unit from its h
     key) use the first ``batch_limit`` sequences, and products are evaluated at ~12 log-spaced
-    distances."""
+    distances. With ``per_step_loss`` (tasks with a loss at every step) the distance profile is
+    built from G[s, t] = ||∂L_s/∂s_t|| over the same sequences instead of the summed loss's δ_t."""
     from . import analysis as A
 
     parts: dict[str, list[pd.DataFrame]] = {}
@@ -161,12 +163,21 @@ def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = N
     small = trace.subset(slice(0, int(opts.get("batch_limit", 16))))
     warmup = min(int(opts.get("warmup", 0)), max(T - 2, 0))
     frac = opts.get("horizon_fraction", 1e-3)
+    per_step = bool(opts.get("per_step_loss", False))
     for k in keys:
-        prof = A.distance_profile(trace, k, fraction=frac)
-        tabs = {"distance": prof.table, "decay": prof.decay}
+        primary = k.state == trace.cell(k).states[0]
         summ = lyap = None
         joint = None
-        if len(trace.cell(k).states) > 1 and k.state == trace.cell(k).states[0]:
+        if per_step:
+            # a loss at every step: every position gets a direct gradient, so the summed loss's δ_t says
+            # nothing about distance. Use G[s, t] = ||∂L_s/∂s_t|| (joint state) from the adjoint sweep.
+            if not primary:
+                continue
+            prof = A.distance_profile(A.gradient_matrix(small, k), fraction=frac)
+        else:
+            prof = A.distance_profile(trace, k, fraction=frac)
+        tabs = {"distance": prof.table, "decay": prof.decay}
+        if not per_step and len(trace.cell(k).states) > 1 and primary:
             joint = _joint_profile(trace, k, frac)
             for name in ("distance", "decay"):
                 tabs[name] = pd.concat([tabs[name], getattr(joint, "table" if name == "distance" else "decay")],
@@ -182,7 +193,7 @@ def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = N
                 tabs["lyapunov"] = lyap
             if trace.cell(k).kind in ("lstm", "gru"):
                 tabs["gates"] = A.gate_statistics(trace, k, classes=classes)
-        if len(trace.cell(k).states) == 1:
+        if len(trace.cell(k).states) == 1 or per_step:
             tabs["summary"] = A.verdicts(prof.decay, summ, lyap, prof.nonfinite, prof.table)
         elif joint is not None:  # LSTM: one verdict on the joint state (h, c), where the memory lives
             v = A.verdicts(joint.decay, None, None, pd.concat([prof.nonfinite, joint.nonfinite]), joint.table)

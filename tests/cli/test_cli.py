@@ -253,3 +253,39 @@ def test_run_resumes_an_interrupted_run(runner, tmp_path):
     with pytest.raises(GradflowError, match="not a gradflow run directory"):
         _clear_unfinished(stray)
     assert (stray / "notes.txt").exists()
+
+
+PER_STEP = """
+claim = "With a loss at every step the distance profile comes from G[s, t], not the summed loss."
+[task]
+name = "copy_memory"
+T = 4
+n_copy = 2
+[model]
+hidden = 6
+[train]
+steps = 2
+batch = 3
+eval_batch = 4
+record_every = 1
+[[runs]]
+cell = "lstm"
+"""
+
+
+def test_per_step_loss_profile_uses_the_gradient_matrix(runner, tmp_path):
+    import torch
+
+    from gradflow import analysis as A
+    from gradflow.trace import Trace
+
+    spec = write(tmp_path / "ps.toml", PER_STEP)
+    assert invoke(runner, "run", str(spec), "-q", "--no-report").exit_code == 0
+    d = tmp_path / "runs/ps/lstm"
+    decay = pd.read_csv(d / "decay.csv")
+    assert decay["key"].tolist() == ["rnn/l0/d0/h"]  # one profile for the joint state
+    dist = pd.read_csv(d / "distance.csv")
+    tr = Trace.load(d / "trace").subset(slice(0, 16))
+    expected = A.distance_profile(A.gradient_matrix(tr, "rnn/l0/d0/h")).table
+    assert dist["q50"].to_numpy() == pytest.approx(expected["q50"].to_numpy(), rel=1e-9)
+    assert torch.isfinite(torch.tensor(dist["q50"].to_numpy())).all()
