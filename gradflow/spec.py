@@ -195,17 +195,22 @@ def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str
     return spec
 
 
-def load_spec(path: str | Path) -> StudySpec:
+def read_toml(path: str | Path) -> dict:
+    """Parse a spec file; a missing, non-UTF-8 or invalid file is a one-line SpecError naming it."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML ({exc})") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a UTF-8 text file") from None
-    return parse_spec(doc, str(path), default_name=path.stem)
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    path = Path(path)
+    return parse_spec(read_toml(path), str(path), default_name=path.stem)
 
 
 def train_config(train: Mapping[str, Any]):

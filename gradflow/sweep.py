@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -205,16 +204,10 @@ def expand_sweep(doc: Mapping[str, Any], source: str = "<sweep>", default_name: 
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and expand a sweep spec file (TOML)."""
+    from .spec import read_toml
+
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: spec file not found")
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{path}: not valid TOML ({exc})") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a UTF-8 text file") from None
-    return expand_sweep(doc, str(path), default_name=path.stem)
+    return expand_sweep(read_toml(path), str(path), default_name=path.stem)
 
 
 # ---------------------------------------------------------------------------------- one run

@@ -7,6 +7,8 @@ targets the last ``T`` (a prediction after every step, readout ``"all"``).
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import functools
 import math
 import os
@@ -233,8 +235,9 @@ class Forecast(Task):
     metric_name = "mse"
     higher_is_better = False
 
+    @abstractmethod
     def series(self) -> np.ndarray:  # [N, F] float64, standardised
-        raise NotImplementedError
+        """The whole series, [N, F] float64, standardised."""
 
     def regimes(self) -> np.ndarray | None:  # [N] int token classes, or None
         return None
