@@ -157,8 +157,8 @@ class DistanceProfile:
         else:
             rate, half = _pooled_fit(L, ok, d)
         thr = math.log10(self.fraction)
-        rel = L - L[:, :1]
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"):  # -inf - -inf (underflow at distance 0) is masked just below
+            rel = L - L[:, :1]
             rel = np.where(np.isnan(L) | ~np.isfinite(L[:, :1]) | np.isposinf(L), np.nan, rel)
         med = _quantiles(rel.T)[:, 2]
         below = np.nonzero(med[1:] <= thr)[0]
