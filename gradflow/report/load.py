@@ -98,6 +98,9 @@ class RunSet:
     runs: tuple[RunInfo, ...]
     studies: tuple[StudyInfo, ...] = ()
     tables: Mapping[str, pd.DataFrame] = field(default_factory=lambda: MappingProxyType({}))
+    # sweep.csv of the loaded study directories (one row per run x state key), None without one
+    sweep: pd.DataFrame | None = None
+    sweep_axes: tuple[str, ...] = ()
 
     def has(self, name: str) -> bool:
         return name in self.tables and len(self.tables[name]) > 0
@@ -132,6 +135,8 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> RunSet:
     if not paths:
         raise GradflowError("no run or study directory given")
     studies: list[StudyInfo] = []
+    sweeps: list[pd.DataFrame] = []
+    sweep_axes: list[str] = []
     found: list[tuple[Path, str | None]] = []  # (run dir, study name)
     for p in paths:
         if not p.exists():
@@ -142,6 +147,10 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> RunSet:
             st, run_dirs = _read_study(p)
             studies.append(st)
             found.extend((d, st.name) for d in run_dirs)
+            if (p / "sweep.csv").exists():
+                df, axes = read_sweep(p)
+                sweeps.append(df)
+                sweep_axes.extend(a for a in axes if a not in sweep_axes)
         elif (p / "run.json").exists():
             found.append((p, None))
         else:
@@ -185,7 +194,30 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> RunSet:
         for s in studies
     ]
     tables = {n: pd.concat(fs, ignore_index=True) for n, fs in per_table.items()}
-    return RunSet(tuple(infos), tuple(studies), MappingProxyType(tables))
+    sweep = pd.concat(sweeps, ignore_index=True) if sweeps else None
+    return RunSet(tuple(infos), tuple(studies), MappingProxyType(tables), sweep, tuple(sweep_axes))
+
+
+def read_sweep(study: Path) -> tuple[pd.DataFrame, list[str]]:
+    """``<study>/sweep.csv`` (as ``gradflow sweep`` writes it) and the sweep's axis names (from
+    study.json ``sweep.axes`` when present, else the columns between ``dir`` and ``status``)."""
+    f = Path(study) / "sweep.csv"
+    try:
+        df = pd.read_csv(f, dtype={c: str for c in ("run", "dir", "key", "cell", "status", "error")})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise GradflowError(f"{f}: malformed CSV ({msg})") from None
+    missing = [c for c in ("run", "key", "eval_metric", "horizon") if c not in df.columns]
+    if missing:
+        raise GradflowError(f"{f}: missing column(s) {', '.join(missing)}")
+    meta = _io.read_json(Path(study) / "study.json")
+    axes = (meta.get("sweep") or {}).get("axes") if isinstance(meta, dict) else None
+    if not (isinstance(axes, list) and all(isinstance(a, str) for a in axes)):
+        cols = list(df.columns)
+        stop = cols.index("status") if "status" in cols else len(cols)
+        axes = cols[cols.index("dir") + 1 if "dir" in cols else 0:stop]
+    df["study"] = str(Path(study).name)
+    return df, [a for a in axes if a in df.columns]
 
 
 def read_table(path: Path, name: str) -> pd.DataFrame:

@@ -18,6 +18,7 @@ import pandas as pd
 from .fig_gradients import fig_distance
 from .fig_heatmap import fig_gradnorm_heatmap
 from .fig_jacobians import fig_products, fig_spectra
+from .fig_sweep import fig_sweep, numeric_axes, primary_rows, sweep_points
 from .fig_training import clip_rates, fig_clipping, fig_gates
 from .load import RunSet, fmt_number
 from .notes import coverage_notes, flag_notes, lyapunov_notes, zero_median_notes
@@ -117,6 +118,16 @@ EXPLAIN = {
     ),
 }
 
+EXPLAIN["sweep"] = (
+    "How the sweep's outcome changes along each numeric sweep axis (from sweep.csv): left, the memory "
+    "horizon (how many steps back the gradient stays above the horizon threshold; higher = longer memory); "
+    "right, the final eval metric with the chance level as a dashed grey line. One line per cell; each "
+    "point is the mean over seeds and the other axes, its error bar runs from the lowest to the highest "
+    "value. Only each run's main state is used (LSTM: h and c together, '/hc'; other cells: '/h'). Open "
+    "triangles at the top of a horizon panel mark runs whose gradient never fell below the threshold "
+    "within the sequence (censored: the horizon is at least the sequence length); they are not in the mean."
+)
+
 TITLES = {
     "summary": "Verdicts",
     "gradnorms": "Gradient norm over training and time",
@@ -141,7 +152,10 @@ NEEDS = {
 def plan(rs: RunSet) -> tuple[list[Section], list[Omitted]]:
     """The sections with data, in reading order, and the ones left out (with why)."""
     out, omitted = [], []
+    sweep_sec = _sweep(rs)
     for sid in TITLES:
+        if sid == "gradnorms" and sweep_sec is not None:
+            (out if isinstance(sweep_sec, Section) else omitted).append(sweep_sec)
         have = [t for t in NEEDS[sid] if rs.has(t)]
         if not have:
             files = " or ".join(f"{t}.csv" for t in NEEDS[sid])
@@ -149,6 +163,42 @@ def plan(rs: RunSet) -> tuple[list[Section], list[Omitted]]:
             continue
         out.append(_BUILD[sid](rs, tuple(have)))
     return out, omitted
+
+
+def _sweep(rs: RunSet) -> Section | Omitted | None:
+    """The sweep comparison (None when no loaded study has a sweep.csv)."""
+    sw = rs.sweep
+    if sw is None:
+        return None
+    title = "Sweep comparison"
+    axes = numeric_axes(sw, rs.sweep_axes) if len(sw) else []
+    if not axes:
+        return Omitted("sweep", title, "sweep.csv has no numeric axis other than seed with more than one value "
+                                       "(or no rows), so there is nothing to plot against; see the runs table.")
+    notes = []
+    p = primary_rows(sw)
+    for axis in axes:
+        hp = sweep_points(sw, axis, "horizon")
+        for _, r in hp[hp["censored"] > 0].iterrows():
+            notes.append(f"{axis} = {r['x']:g}, {r['cell']}: {int(r['censored'])} of {int(r['censored'] + r['n'])} "
+                         "run(s) never reached the horizon (censored, open triangle at the top).")
+        break  # censoring is per run, the same for every axis: list it once
+    if "status" in p.columns:
+        bad = p[p["status"].fillna("").astype(str) != "finished"]
+        for _, r in bad.iterrows():
+            notes.append(f"{r['run']}: {r['status']}" + (f" ({r['error']})" if isinstance(r.get("error"), str)
+                                                        and r.get("error") else "")
+                         + "; its missing values are left out of the means.")
+    if "key" in p.columns:
+        keys = sorted({str(k) for k in p["key"] if isinstance(k, str) and k})
+        if keys:
+            notes.append("State used per run: " + ", ".join(keys) + ".")
+    axes_t = tuple(rs.sweep_axes)
+    return Section(
+        "sweep", title, EXPLAIN["sweep"], (), tuple(notes),
+        draw=lambda target=None: fig_sweep(sw, axes_t, target=target),
+        alt="Memory horizon and eval metric against " + ", ".join(axes) + ", one line per cell",
+    )
 
 
 def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
