@@ -1,9 +1,9 @@
 """Per-forward-call bookkeeping shared by the adapters.
 
 A *call* is what one forward invocation produced: for a fused module, every unit (layer ×
-direction) over the whole sequence; for a cell, one timestep. Tensor hooks registered on the state
-tensors store the gradient they receive into the call's slots and tell the recorder the call was
-reached by the running backward pass. The recorder turns the reached calls into a Trace when the
+direction) over the whole sequence, whose kernels hand δ_t over in their backward; for a cell, one
+timestep, whose state tensors carry hooks that store the gradient they receive. Either way the
+recorder is told the call was reached by the running backward pass. The recorder turns the reached calls into a Trace when the
 backward pass ends.
 """
 
@@ -47,7 +47,6 @@ class FusedCall:
     path: str
     call: int
     units: list[UnitRecord]
-    handles: list = field(default_factory=list)
 
 
 @dataclass

@@ -215,7 +215,7 @@ def make_forward_hook(recorder, path: str, module: nn.Module, spec: CellSpec):
             call.slots[name] = None
             if a.requires_grad:
                 call.handles.append(a.register_hook(store_hook(recorder, call, call.slots, name)))
-        recorder._register_cell_call(call)
+        recorder._register_call(call)
         return spec.set_states(output, aliases)
 
     return hook

@@ -22,6 +22,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+def _recurrent_grad(d_pre: torch.Tensor, out: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """dL/dW for pre-activations W h_{t-1} over all steps in one GEMM: Σ_t d_pre_tᵀ h_{t-1}.
+    d_pre [T, B, G], out (the h_t) [T, B, P], h0 [B, P] -> [G, P]."""
+    T, B, G = d_pre.shape
+    h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])
+    return d_pre.reshape(T * B, G).t().matmul(h_prev.reshape(T * B, -1))
+
+
 def _where(m, a, b):
     return a if m is None else torch.where(m, a, b)
 
@@ -134,9 +142,7 @@ class LSTMRecurrence(torch.autograd.Function):
             ctx.sink.backward("h", d_h)
             ctx.sink.backward("c", d_c)
         del Q, kd
-        h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])
-        flat = d_gates.reshape(T * B, G)
-        g_whh = flat.t().matmul(h_prev.reshape(T * B, -1))
+        g_whh = _recurrent_grad(d_gates, out, h0)
         g_whr = d_ht.reshape(T * B, -1).t().matmul(ms.reshape(T * B, H)) if proj else None
         return d_gates, dh0, dc0, g_whh, g_whr, None, None
 
@@ -201,10 +207,8 @@ class GRURecurrence(torch.autograd.Function):
             dh = dh_prev
         if ctx.sink is not None:
             ctx.sink.backward("h", d_h)
-        h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])
-        flat = d_gh.reshape(T * B, 3 * H)
-        g_whh = flat.t().matmul(h_prev.reshape(T * B, H))
-        g_bhh = flat.sum(0) if ctx.has_b else None
+        g_whh = _recurrent_grad(d_gh, out, h0)
+        g_bhh = d_gh.sum((0, 1)) if ctx.has_b else None
         return d_x, dh, g_whh, g_bhh, None, None
 
 
@@ -252,6 +256,5 @@ class RNNRecurrence(torch.autograd.Function):
             dh = dh_prev
         if ctx.sink is not None:
             ctx.sink.backward("h", d_h)
-        h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])
-        g_whh = d_pre.reshape(T * B, H).t().matmul(h_prev.reshape(T * B, H))
+        g_whh = _recurrent_grad(d_pre, out, h0)
         return d_pre, dh, g_whh, None, None, None

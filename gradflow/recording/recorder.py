@@ -175,10 +175,7 @@ class Recorder:
         self._calls[path] = c + 1
         return c
 
-    def _register_call(self, call: FusedCall) -> None:
-        self._pending.append(call)
-
-    def _register_cell_call(self, call: CellCall) -> None:
+    def _register_call(self, call: FusedCall | CellCall) -> None:
         self._pending.append(call)
 
     def _reached(self, call) -> None:
@@ -290,11 +287,8 @@ def _add_fused_unit(trace: Trace, rec, keep: str) -> None:
     def reorder(x):
         return x if order is None else x.index_select(1, order.to(x.device))
 
-    params = None
-    if keep == "states":
-        params = rec.params
     trace._add_unit(rec.unit, rec.cell, reorder(mask), inputs=None if rec.inputs is None else reorder(rec.inputs),
-                    params=params)
+                    params=rec.params if keep == "states" else None)
     fallback = rec.dtype_device
     for name in rec.cell.states:
         g = rec.grads.get(name)
