@@ -289,3 +289,27 @@ def test_per_step_loss_profile_uses_the_gradient_matrix(runner, tmp_path):
     expected = A.distance_profile(A.gradient_matrix(tr, "rnn/l0/d0/h")).table
     assert dist["q50"].to_numpy() == pytest.approx(expected["q50"].to_numpy(), rel=1e-9)
     assert torch.isfinite(torch.tensor(dist["q50"].to_numpy())).all()
+
+
+def test_lstm_joint_profile_is_the_norm_of_the_concatenated_state_gradient(tmp_path):
+    """The '/hc' distance table is built from sqrt(||δh||² + ||δc||²); check it against the norm of
+    the concatenated recorded gradients [δh; δc] (an independent route through trace.grad)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import gradflow
+    from gradflow.study import analyse_trace
+
+    torch.manual_seed(0)
+    m = nn.LSTM(3, 5).double()
+    with gradflow.record(m, keep="states") as rec:
+        out, _ = m(torch.randn(12, 6, 3, dtype=torch.float64))
+        out[-1].pow(2).sum().backward()
+    tabs = analyse_trace(rec.trace, {"warmup": 0, "horizon_fraction": 1e-3, "max_rank": 4, "batch_limit": 6})
+    joint = tabs["distance"][tabs["distance"]["key"] == "<root>/l0/d0/hc"].sort_values("distance")
+    g = torch.cat([rec.trace.grad("<root>/l0/d0/h"), rec.trace.grad("<root>/l0/d0/c")], -1)
+    logn = torch.log10(torch.linalg.vector_norm(g, dim=-1)).numpy()  # [T, B]
+    expected = np.median(logn[::-1], axis=1)  # distance d = T-1-t
+    np.testing.assert_allclose(joint["q50"].to_numpy(), expected, rtol=1e-10)
+    assert tabs["summary"]["key"].tolist() == ["<root>/l0/d0/hc"]
