@@ -165,7 +165,7 @@ class Trace:
     def _add_state(self, key: StateKey, grad: torch.Tensor, *, state=None, prev=None):
         """``grad`` [T, B, H] (any device/dtype, NaN where masked). Norms are taken in float64."""
         grad = grad.detach()
-        norm = torch.linalg.vector_norm(grad.to(torch.float64), dim=-1).cpu()
+        norm = _norms(grad).cpu()
         if key not in self._norm:
             self._keys.append(key)
         self._norm[key] = norm
@@ -399,6 +399,23 @@ class Trace:
                 tr._state[k] = torch.from_numpy(arrays[f"state_{i}"])
                 tr._prev[k] = torch.from_numpy(arrays[f"prev_{i}"])
         return tr
+
+
+def _norms(grad: torch.Tensor) -> torch.Tensor:
+    """L2 norms over the last dimension in float64, right for any finite magnitude.
+
+    float32 rows are summed in float32 (a float64 copy of a [T, B, H] gradient cost more than the
+    rest of the bookkeeping) and summed again in float64 wherever the norm lies outside
+    [1e-15, 1e15]: there squares of float32 entries could underflow or overflow. NaN/Inf rows are
+    recomputed too and stay NaN/Inf."""
+    if grad.dtype != torch.float32:
+        return torch.linalg.vector_norm(grad.to(torch.float64), dim=-1)
+    n = torch.linalg.vector_norm(grad, dim=-1)
+    redo = ~((n > 1e-15) & (n < 1e15))
+    n = n.to(torch.float64)
+    if bool(redo.any()):
+        n[redo] = torch.linalg.vector_norm(grad[redo].to(torch.float64), dim=-1)
+    return n
 
 
 def _key_cols(k: StateKey) -> dict:
