@@ -122,7 +122,7 @@ def read_csv(path: Path):
     path = Path(path)
     if not path.exists():
         raise GradflowError(f"{path}: file not found")
-    return pd.read_csv(path)
+    return pd.read_csv(path, float_precision="round_trip")
 
 
 def check_schema(path: Path, meta: Mapping[str, Any], kind: str) -> None:
