@@ -180,6 +180,10 @@ def unrolled_forward(recorder, path: str, module: nn.RNNBase, input, hx=None):
 
     recorder._register_call(call)
     output = layer_input
+    if D == 1 and not packed:
+        # the kernel saved this tensor for its backward, and the caller may modify the output in
+        # place as the fused path allows (cat, flip and packing already give a new tensor)
+        output = output.clone()
     h_n = torch.stack(h_n)
     c_n = torch.stack(c_n) if is_lstm else None
     if packed:
@@ -212,6 +216,7 @@ class _Sink:
     def __init__(self, recorder, call, rec, reverse, keep_states):
         self.recorder, self.call, self.rec = recorder, call, rec
         self.reverse, self.keep_states = reverse, keep_states
+        self.workspace = recorder._workspace
 
     def _pos(self, x):
         return x.flip(0) if self.reverse else x
@@ -234,22 +239,24 @@ def _run_direction(recorder, call, rec, kind, x, h, c, params, *, reverse, mask,
     w_ih, w_hh = params["weight_ih"], params["weight_hh"]
     b_ih, b_hh = params.get("bias_ih"), params.get("bias_hh")
     w_hr = params.get("weight_hr")
-    if kind == "gru":
-        xw = F.linear(x, w_ih, b_ih)
-    else:
-        xw = F.linear(x, w_ih, None if b_ih is None else b_ih + b_hh)
+    empty = w_hh.new_empty(0)
     if reverse:
-        xw = xw.flip(0)
+        x = x.flip(0)
         mask = mask.flip(0) if mask is not None else None
     sink = _Sink(recorder, call, rec, reverse, keep_states)
     h0, c0 = h, c
-    if kind == "lstm":
-        empty = w_hh.new_empty(0)
-        out, h, c = _kernels.LSTMRecurrence.apply(xw, h0, c0, w_hh, empty if w_hr is None else w_hr, mask, sink)
-    elif kind == "gru":
-        out, h = _kernels.GRURecurrence.apply(xw, h0, w_hh, w_hh.new_empty(0) if b_hh is None else b_hh, mask, sink)
+    if kind == "gru":
+        out, h = _kernels.GRURecurrence.apply(
+            x, w_ih, empty if b_ih is None else b_ih, h0, w_hh, empty if b_hh is None else b_hh, mask, sink
+        )
     else:
-        out, h = _kernels.RNNRecurrence.apply(xw, h0, w_hh, kind == "rnn_relu", mask, sink)
+        b = empty if b_ih is None else b_ih + b_hh
+        if kind == "lstm":
+            out, h, c = _kernels.LSTMRecurrence.apply(
+                x, w_ih, b, h0, c0, w_hh, empty if w_hr is None else w_hr, mask, sink
+            )
+        else:
+            out, h = _kernels.RNNRecurrence.apply(x, w_ih, b, h0, w_hh, kind == "rnn_relu", mask, sink)
     if reverse:
         out = out.flip(0)
     if keep_states:

@@ -24,6 +24,7 @@ from ..errors import GradflowError, NoRecurrentModuleError, TraceError, Unsuppor
 from ..trace import StateKey, Trace
 from . import cells as _cells
 from . import fused as _fused
+from . import kernels as _kernels
 from .calls import CellCall, FusedCall
 
 KEEPS = ("norms", "full", "states")
@@ -65,6 +66,7 @@ class Recorder:
         self.traces: list[Trace] = []
         self._targets = self._select(model, modules)
         self._active = False
+        self._workspace: _kernels.Workspace | None = None  # buffers reused while the context is open
         self._handles: list = []
         self._patched: list[nn.Module] = []
         self._reset_pass()
@@ -133,6 +135,7 @@ class Recorder:
                         spec = _cells.custom_spec(m)
                     h = m.register_forward_hook(_cells.make_forward_hook(self, path, m, spec), with_kwargs=True)
                     self._handles.append(h)
+            self._workspace = _kernels.Workspace()
             self._active = True
         except BaseException:
             self._detach()
@@ -144,6 +147,7 @@ class Recorder:
 
     def _detach(self) -> None:
         self._active = False
+        self._workspace = None
         for m in self._patched:
             m.__dict__.pop("forward", None)
         self._patched.clear()
