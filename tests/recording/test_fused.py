@@ -50,9 +50,20 @@ def build(case: Case) -> nn.Module:
     return m.to(case.dtype)
 
 
-def run_case(case: Case):
-    m = build(case)
-    g = torch.Generator().manual_seed(case.seed + 1)
+@dataclasses.dataclass
+class Data:
+    x: torch.Tensor
+    lengths: torch.Tensor
+    valid: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor
+    w_out: torch.Tensor
+    w_h: torch.Tensor
+    w_c: torch.Tensor
+
+
+def make_data(case: Case, seed: int | None = None) -> Data:
+    g = torch.Generator().manual_seed(case.seed + 1 if seed is None else seed)
     D = 2 if case.bidirectional else 1
     L, T, B = case.layers, case.T, case.B
     Hout = case.proj or case.H
@@ -75,37 +86,49 @@ def run_case(case: Case):
         w_out[-1] = torch.randn(B, D * Hout, generator=g, dtype=dt)
     w_h = torch.randn(L * D, B, Hout, generator=g, dtype=dt) * (0 if case.last_only else 1)
     w_c = torch.randn(L * D, B, case.H, generator=g, dtype=dt) * (0 if case.last_only else 1)
+    return Data(x, lengths, valid, h0, c0, w_out, w_h, w_c)
 
-    def forward():
-        inp = x.transpose(0, 1) if case.batch_first else x
-        if case.packed:
-            inp = pack_padded_sequence(inp, lengths, batch_first=case.batch_first, enforce_sorted=case.enforce_sorted)
-        hx = None
-        if case.hx:
-            hx = (h0, c0) if case.kind == "lstm" else h0
-        out, hn = m(inp, hx)
-        if case.packed:
-            out, _ = pad_packed_sequence(out, batch_first=case.batch_first, total_length=T)
-        if case.batch_first:
-            out = out.transpose(0, 1)
-        h_n, c_n = hn if case.kind == "lstm" else (hn, None)
-        loss = (w_out * out * valid[..., None]).sum() + (w_h * h_n).sum()
-        if c_n is not None:
-            loss = loss + (w_c * c_n).sum()
-        return out, hn, loss
 
+def forward(m: nn.Module, case: Case, d: Data):
+    """The module on d.x (packed / batch_first as the case says); returns (out, hn, loss)."""
+    T = case.T
+    inp = d.x.transpose(0, 1) if case.batch_first else d.x
+    if case.packed:
+        inp = pack_padded_sequence(inp, d.lengths, batch_first=case.batch_first, enforce_sorted=case.enforce_sorted)
+    hx = None
+    if case.hx:
+        hx = (d.h0, d.c0) if case.kind == "lstm" else d.h0
+    out, hn = m(inp, hx)
+    if case.packed:
+        out, _ = pad_packed_sequence(out, batch_first=case.batch_first, total_length=T)
+    if case.batch_first:
+        out = out.transpose(0, 1)
+    h_n, c_n = hn if case.kind == "lstm" else (hn, None)
+    loss = (d.w_out * out * d.valid[..., None]).sum() + (d.w_h * h_n).sum()
+    if c_n is not None:
+        loss = loss + (d.w_c * c_n).sum()
+    return out, hn, loss
+
+
+def reference(m: nn.Module, d: Data):
+    return reference_fused(m, d.x, d.lengths, d.h0, d.c0, d.w_out, d.w_h, d.w_c)
+
+
+def run_case(case: Case):
+    m = build(case)
+    d = make_data(case)
     # fused path, outside record
     m.zero_grad()
-    out_f, hn_f, loss_f = forward()
+    out_f, hn_f, loss_f = forward(m, case, d)
     loss_f.backward()
     pgrads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     with gradflow.record(m, keep="full") as rec:
-        out_r, hn_r, loss_r = forward()
+        out_r, hn_r, loss_r = forward(m, case, d)
         loss_r.backward()
-    ref_loss, ref = reference_fused(m, x, lengths, h0, c0, w_out, w_h, w_c)
+    ref_loss, ref = reference(m, d)
     return m, rec, dict(out=(out_f, out_r), hn=(hn_f, hn_r), loss=(loss_f, loss_r, ref_loss), pgrads=pgrads, ref=ref,
-                        valid=valid)
+                        valid=d.valid)
 
 
 def tolerance(case):
@@ -233,3 +256,32 @@ def test_dropout_train_mode_records_and_eval_matches():
         out.sum().backward()
     assert len(rec.trace.keys()) == 4
     assert torch.isfinite(rec.trace.norm("<root>/l0/d0/h")).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(
+    f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c) if getattr(c, f.name) != f.default) or "default")
+def test_cuda_matches_reference(case, monkeypatch):
+    """The same cases on a CUDA module and CUDA data: δ_t (returned on CPU) equals the CPU reference,
+    and parameter gradients equal the fused CUDA path's (TF32 off: cuDNN's float32 RNN would
+    otherwise round its products to 10 bits)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    m = build(case)
+    d = make_data(case)
+    _, ref = reference(m, d)
+    mc = build(case).cuda()
+    dc = Data(**{f.name: (v if f.name == "lengths" else v.cuda()) for f in dataclasses.fields(Data)
+                 for v in [getattr(d, f.name)]})
+    forward(mc, case, dc)[2].backward()
+    plain = {n: p.grad.clone() for n, p in mc.named_parameters()}
+    mc.zero_grad()
+    with gradflow.record(mc, keep="full") as rec:
+        forward(mc, case, dc)[2].backward()
+    tol = tolerance(case) if case.dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for n, p in mc.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], **tol, msg=n)
+    for (layer, di, s), g_ref in ref.items():
+        g = rec.trace.grad(StateKey("", layer, di, s))
+        assert g.device.type == "cpu"
+        torch.testing.assert_close(g, g_ref.to(g.dtype), equal_nan=True, **tol, msg=f"{layer}/{di}/{s}")
