@@ -2,8 +2,8 @@
 
 The fused kernels hide the per-step states, so during recording the module's forward is replaced
 (on the instance, restored on exit) by an unroll written with the *same Parameter objects*: values
-equal the fused path's up to float rounding, parameter gradients flow to the same ``.grad``, and a
-tensor hook on each state s_t receives the total dL/ds_t.
+equal the fused path's up to float rounding, parameter gradients flow to the same ``.grad``, and
+each layer-direction's kernel (``kernels``) hands the recorder the total dL/ds_t of every step.
 
 Per step, for layer input x_t (input projection precomputed for all t in one matmul):
 
