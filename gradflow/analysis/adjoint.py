@@ -42,9 +42,9 @@ def adjoint_log_norms(J, direct: torch.Tensor, *, mask=None, rows: slice | None 
     g_s (step order); mask [T, B]: False steps are identities and have no source; rows: the part
     of the state whose norm is taken (default all). Returns [T(s), T(t), B] float64, NaN for t > s.
     All sources are rows of one array V [T(s), B, S] propagated by Jᵀ (one GEMM per step); each
-    source carries a float64 log scale and is renormalised whenever its norm leaves e^±40 (float64)
-    or e^±10 (float32). dtype: arithmetic of the sweep — float64 (default), or float32 for about
-    2-3× speed at ~1e-6 relative accuracy (the log scales keep it free of underflow either way)."""
+    source carries a float64 log scale and is renormalised to unit norm after every step. dtype:
+    arithmetic of the sweep — float64 (default), or float32 for about 2× speed at ~1e-6 relative
+    accuracy per step (the log scales keep it free of underflow either way)."""
     if dtype not in (torch.float64, torch.float32):
         raise GradflowError(f"adjoint_log_norms: dtype={dtype} must be torch.float64 or torch.float32")
     op = _as_operator(J).to(dtype)
@@ -60,22 +60,26 @@ def adjoint_log_norms(J, direct: torch.Tensor, *, mask=None, rows: slice | None 
     a0 = torch.where(gn > 0, torch.log(gn), torch.full_like(gn, -math.inf))
     g = (g / torch.where(gn > 0, gn, torch.ones_like(gn))[..., None]).to(dtype)
     full = rows is None or rows == slice(None) or rows == slice(0, S)
-    limit = 40.0 if dtype == torch.float64 else 10.0
-    out = torch.full((T, T, B), math.nan, dtype=torch.float64)
-    V = torch.zeros(T, B, S, dtype=dtype)
-    a = torch.zeros(T, B, dtype=torch.float64)
+    tiny = torch.finfo(dtype).tiny
+    out = torch.empty(T, T, B, dtype=torch.float64)
+    V = g.contiguous()  # row s holds source s from the start; it starts moving at step s
+    a = a0.clone()
     for k in range(T - 1, -1, -1):
         if k < T - 1:
-            V[k + 1:] = op.apply_rows(V[k + 1:], k + 1, True)
-        V[k], a[k] = g[k], a0[k]
-        n = V[k:].norm(dim=-1)  # [T-k, B]
-        ln = torch.log(n)
-        part = ln if full else torch.log(V[k:, :, rows].norm(dim=-1))
-        out[k:, k, :] = a[k:] + part.to(torch.float64)
-        if float(torch.nan_to_num(ln, neginf=0.0).abs().amax()) > limit:  # renormalise
-            ok = n > 0
-            V[k:] /= torch.where(ok, n, torch.ones_like(n))[..., None]
-            a[k:] = torch.where(ok, a[k:] + ln.to(torch.float64), torch.full_like(a[k:], -math.inf))
+            op.apply_rows(V[k + 1:], k + 1, True, out=V[k + 1:])
+        Vk, ak = V[k:], a[k:]
+        n = torch.linalg.vector_norm(Vk, dim=-1)  # [T-k, B]
+        ln = n.log()
+        if full:
+            ak.add_(ln)
+            out[k:, k, :] = ak
+        else:
+            torch.add(ak, torch.linalg.vector_norm(Vk[..., rows], dim=-1).log(), out=out[k:, k, :])
+            ak.add_(ln)
+        # renormalise every step (one pass; no overflow/underflow test to synchronise on). A vector
+        # that became exactly 0 stays 0 with scale -inf.
+        Vk.div_(n.clamp_min_(tiny).unsqueeze(-1))
+    out[torch.ones(T, T, dtype=torch.bool).triu_(1)] = math.nan
     return out
 
 
@@ -101,7 +105,7 @@ def _log_adjoint_total(op, g, mask, rows):
     return out
 
 
-def direct_gradients(trace: Trace, key, *, rtol: float | None = None) -> torch.Tensor:
+def direct_gradients(trace: Trace, key, *, rtol: float | None = None, _op=None) -> torch.Tensor:
     """[T, B, S] direct gradients g_t = δ_t − J_next(t)ᵀ δ_next(t) of the joint state (position order;
     next(t) = t+1 for direction 0, t−1 for direction 1; g = δ at the last processed step).
 
@@ -114,7 +118,7 @@ def direct_gradients(trace: Trace, key, *, rtol: float | None = None) -> torch.T
     rtol = 4 * math.sqrt(delta.shape[-1]) * fin.eps if rtol is None else float(rtol)
     d = _util.to_steps(delta.to(torch.float64), k.direction)
     mask = _util.to_steps(trace.mask(k), k.direction)
-    op = linearize_trace(trace, k, dtype=torch.float64)
+    op = linearize_trace(trace, k, dtype=torch.float64) if _op is None else _op
     op = op.flip() if k.direction == 1 else op
     nxt = torch.where(mask[1:, :, None], d[1:], torch.zeros((), dtype=torch.float64))
     back = op.select(slice(1, None)).rmatvec(nxt[..., None])[..., 0]
@@ -186,15 +190,19 @@ class GradientMatrix:
 
 
 def gradient_matrix(trace: Trace, key, *, direct: torch.Tensor | None = None,
-                    dtype: torch.dtype = torch.float64) -> GradientMatrix:
+                    dtype: torch.dtype | None = None) -> GradientMatrix:
     """G[s, t] = ||∂L_s/∂s_t|| for a per-step loss L = Σ_s L_s, all s at once (adjoint recursion with
     every source a column; not T backward passes). direct: joint direct gradients [T, B, S] (position
     order); default derived from the trace (:func:`direct_gradients`, needs keep='states'); dtype:
-    arithmetic of the sweep (see :func:`adjoint_log_norms`)."""
+    arithmetic of the sweep (see :func:`adjoint_log_norms`); default the recorded states' precision
+    (float32 for a float32 model: its Jacobians carry no more digits, and the log scales keep the
+    sweep free of underflow; float64 otherwise)."""
     k = _util.resolve(trace, key)
+    if dtype is None:
+        dtype = torch.float32 if trace.prev_states(k).dtype == torch.float32 else torch.float64
     op = linearize_trace(trace, k, dtype=torch.float64)
     mask = trace.mask(k)
-    g = direct_gradients(trace, k) if direct is None else direct
+    g = direct_gradients(trace, k, _op=op) if direct is None else direct
     if tuple(g.shape) != (*mask.shape, op.shape[2]):
         raise GradflowError(f"gradient_matrix: direct has shape {tuple(g.shape)}, expected {(*mask.shape, op.shape[2])}")
     rows = _util.state_slice(trace.cell(k), k.state)
@@ -205,6 +213,6 @@ def gradient_matrix(trace: Trace, key, *, direct: torch.Tensor | None = None,
     ln = adjoint_log_norms(op, g, mask=m, rows=rows, dtype=dtype)
     if k.direction == 1:
         ln = ln.flip(0).flip(1)
-    valid = mask[:, None, :] & mask[None, :, :]
-    ln = torch.where(valid, ln, torch.full_like(ln, math.nan))
-    return GradientMatrix(str(k), ln / LN10, k.direction, mask)
+    if not bool(mask.all()):
+        ln.masked_fill_(~(mask[:, None, :] & mask[None, :, :]), math.nan)
+    return GradientMatrix(str(k), ln.div_(LN10), k.direction, mask)

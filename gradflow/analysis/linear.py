@@ -66,6 +66,16 @@ class Linearization:
             prev=tuple(keep_dim(p) for p in self.prev),
         )
 
+    def select_batch(self, idx) -> "Linearization":
+        """The same steps for batch items ``idx`` (index tensor or slice along B) only."""
+        return replace(
+            self,
+            coef={k: v[:, idx] for k, v in self.coef.items()},
+            mask=None if self.mask is None else self.mask[:, idx],
+            x=None if self.x is None else self.x[:, idx],
+            prev=tuple(p[:, idx] for p in self.prev),
+        )
+
     def flip(self) -> "Linearization":
         """Reverse the order of steps (position order <-> step order for direction 1)."""
         idx = torch.arange(self.shape[0] - 1, -1, -1)
@@ -116,16 +126,30 @@ class Linearization:
         T = self.shape[0]
         return [True] * T if self.mask is None else self.mask.all(1).tolist()
 
-    def apply_rows(self, R: torch.Tensor, k: int, transpose: bool) -> torch.Tensor:
+    def apply_rows(self, R: torch.Tensor, k: int, transpose: bool, out: torch.Tensor | None = None) -> torch.Tensor:
         """Fast path for sweeps: rows R [n, B, S] (n vectors per batch item, contiguous) -> rows of
-        (J_k v)ᵀ or (J_kᵀ u)ᵀ for every row, same shape; no shape checks."""
+        (J_k v)ᵀ or (J_kᵀ u)ᵀ for every row, same shape; no shape checks. ``out`` (may be R itself)
+        receives the result."""
+        full = self._full_steps[k]
+        if self.step is None and full and out is not None and self.cell.kind in ("rnn_tanh", "rnn_relu"):
+            d = self.coef["d"][k]  # one scaling and one GEMM, written in place
+            W = self.weights["weight_hh"]
+            tmp = d * R if transpose else R.reshape(-1, R.shape[-1]).matmul(W.T).view(R.shape)
+            if transpose:
+                torch.mm(tmp.view(-1, R.shape[-1]), W, out=out.view(-1, R.shape[-1]))
+            else:
+                torch.mul(d, tmp, out=out)
+            return out
         if self.step is not None:
-            out = _custom_apply(self._at(k), R.transpose(0, 1), transpose).transpose(0, 1)
+            res = _custom_apply(self._at(k), R.transpose(0, 1), transpose).transpose(0, 1)
         else:
             coef = {n: v[k] for n, v in self.coef.items()}
-            out = _builtin_apply(self, R, transpose, unsqueeze=False, coef=coef)
-        if not self._full_steps[k]:
-            out = torch.where(self.mask[k][:, None], out, R)
+            res = _builtin_apply(self, R, transpose, unsqueeze=False, coef=coef)
+        if not full:
+            res = torch.where(self.mask[k][:, None], res, R)
+        if out is None:
+            return res
+        out.copy_(res)
         return out
 
     # ------------------------------------------------------------------ dense
@@ -168,63 +192,85 @@ def linearize(cell: CellInfo, params: Mapping[str, torch.Tensor] | None, x: torc
                                     f"expected {(x.shape[0], x.shape[1], b - a)}")
         return Linearization(cell, {}, {}, mask, step, x, prev, dtype, layout)
     out = cells.forward(cell, params, x, tuple(prev), dtype)
-    names = {"rnn_tanh": ("d",), "rnn_relu": ("d",), "lstm": ("k_i", "k_f", "k_g", "k_o", "k_c", "f"),
-             "gru": ("z", "c_r", "c_z", "c_n")}[cell.kind]
-    dt = out[names[0]].dtype
+    # gate coefficients stacked in W_hh's gate order, so one product scales every gate block at once
+    if cell.kind == "lstm":
+        coef = {"k4": torch.cat([out["k_i"], out["k_f"], out["k_g"], out["k_o"]], -1), "k_c": out["k_c"],
+                "f": out["f"]}
+    elif cell.kind == "gru":
+        coef = {"z": out["z"], "c3": torch.cat([out["c_r"], out["c_z"], out["c_n"]], -1)}
+    else:
+        coef = {"d": out["d"]}
+    dt = next(iter(coef.values())).dtype
     weights = {"weight_hh": params["weight_hh"].to(dt)}
     if cell.kind == "lstm" and cell.proj_size:
         weights["weight_hr"] = params["weight_hr"].to(dt)
-    return Linearization(cell, {n: out[n] for n in names}, weights, mask, sizes=layout)
+    return Linearization(cell, coef, weights, mask, sizes=layout)
 
 
 # ---------------------------------------------------------------------- built-in cells
 def _builtin_apply(lin: Linearization, R: torch.Tensor, transpose: bool, unsqueeze: bool = True,
                    coef=None) -> torch.Tensor:
     """Rows R [..., m, S] -> rows of (J v) or (Jᵀ u); coefficient vectors (``coef``, default lin's)
-    broadcast over m (or, with unsqueeze=False, over the leading dims of R [..., B, S])."""
+    broadcast over m (or, with unsqueeze=False, over the leading dims of R [..., B, S]). The gate
+    blocks are handled together: one GEMM with W_hh, one product with the stacked coefficients."""
     coef = lin.coef if coef is None else coef
     c = {n: v.unsqueeze(-2) for n, v in coef.items()} if unsqueeze else coef
     W = lin.weights["weight_hh"]
     kind, H = lin.cell.kind, lin.cell.hidden_size
+    lead = R.shape[:-1]
     if kind in ("rnn_tanh", "rnn_relu"):
         return (c["d"] * R) @ W if transpose else c["d"] * (R @ W.T)
     if kind == "gru":
-        if transpose:
-            return c["z"] * R + torch.cat([c["c_r"] * R, c["c_z"] * R, c["c_n"] * R], -1) @ W
-        A = R @ W.T
-        return c["z"] * R + c["c_r"] * A[..., :H] + c["c_z"] * A[..., H:2 * H] + c["c_n"] * A[..., 2 * H:]
+        c3 = c["c3"].unflatten(-1, (3, H))
+        if transpose:  # Jᵀu = z u + [c_r u, c_z u, c_n u] W
+            X = (c3 * R.unsqueeze(-2)).flatten(-2)
+            return (X @ W).addcmul_(c["z"], R)
+        A = (R @ W.T).unflatten(-1, (3, H)).mul_(c3)  # J v = z v + Σ_gates c_gate (W_gate v)
+        return A.sum(-2).addcmul_(c["z"], R)
     P = R.shape[-1] - H
     Wr = lin.weights.get("weight_hr")
+    k4 = c["k4"].unflatten(-1, (4, H))
     if transpose:
         um = R[..., :P] @ Wr if Wr is not None else R[..., :P]
-        uc = R[..., P:] + c["k_c"] * um
-        ga = torch.cat([c["k_i"] * uc, c["k_f"] * uc, c["k_g"] * uc, c["k_o"] * um], -1)
-        return torch.cat([ga @ W, c["f"] * uc], -1)
-    A = R[..., :P] @ W.T
-    dc = c["k_i"] * A[..., :H] + c["k_f"] * A[..., H:2 * H] + c["k_g"] * A[..., 2 * H:3 * H] + c["f"] * R[..., P:]
-    dm = c["k_o"] * A[..., 3 * H:] + c["k_c"] * dc
-    return torch.cat([dm @ Wr.T if Wr is not None else dm, dc], -1)
+        uc = torch.addcmul(R[..., P:], c["k_c"], um)
+        ga = torch.empty(*lead, 4, H, dtype=R.dtype)
+        torch.mul(k4[..., :3, :], uc.unsqueeze(-2), out=ga[..., :3, :])
+        torch.mul(k4[..., 3, :], um, out=ga[..., 3, :])
+        out = torch.empty(*lead, R.shape[-1], dtype=R.dtype)
+        torch.matmul(ga.flatten(-2), W, out=out[..., :P])
+        torch.mul(c["f"], uc, out=out[..., P:])
+        return out
+    A = (R[..., :P] @ W.T).unflatten(-1, (4, H)).mul_(k4)
+    out = torch.empty(*lead, R.shape[-1], dtype=R.dtype)
+    dc = torch.sum(A[..., :3, :], -2, out=out[..., P:]).addcmul_(c["f"], R[..., P:])
+    dm = torch.addcmul(A[..., 3, :], c["k_c"], dc)
+    if Wr is not None:
+        torch.matmul(dm, Wr.T, out=out[..., :P])
+    else:
+        out[..., :P] = dm
+    return out
 
 
 def _builtin_dense(lin: Linearization, out: torch.Tensor) -> None:
     """Write J of every step of ``lin`` into out [t, B, S, S]."""
-    c = {n: v.unsqueeze(-1) for n, v in lin.coef.items()}  # column scalings [..., H, 1]
     W = lin.weights["weight_hh"]
     kind, H = lin.cell.kind, lin.cell.hidden_size
     if kind in ("rnn_tanh", "rnn_relu"):
-        torch.mul(c["d"], W, out=out)
+        torch.mul(lin.coef["d"].unsqueeze(-1), W, out=out)
         return
     if kind == "gru":
-        torch.mul(c["c_r"], W[:H], out=out)
-        out.addcmul_(c["c_z"], W[H:2 * H]).addcmul_(c["c_n"], W[2 * H:])
+        c = lin.coef["c3"].unsqueeze(-1)  # column scalings [.., 3H, 1]
+        torch.mul(c[..., :H, :], W[:H], out=out)
+        out.addcmul_(c[..., H:2 * H, :], W[H:2 * H]).addcmul_(c[..., 2 * H:, :], W[2 * H:])
         out.diagonal(dim1=-2, dim2=-1).add_(lin.coef["z"])
         return
     P = out.shape[-1] - H
     Wr = lin.weights.get("weight_hr")
-    C = c["k_i"] * W[:H]  # ∂c/∂h_prev [.., H, P]
-    C.addcmul_(c["k_f"], W[H:2 * H]).addcmul_(c["k_g"], W[2 * H:3 * H])
+    k = lin.coef["k4"].unsqueeze(-1)
+    C = k[..., :H, :] * W[:H]  # ∂c/∂h_prev [.., H, P]
+    C.addcmul_(k[..., H:2 * H, :], W[H:2 * H]).addcmul_(k[..., 2 * H:3 * H, :], W[2 * H:3 * H])
     out[..., P:, :P] = C
-    M = C.mul_(c["k_c"]).addcmul_(c["k_o"], W[3 * H:])  # ∂m/∂h_prev (reuses C's memory)
+    M = C.mul_(lin.coef["k_c"].unsqueeze(-1)).addcmul_(k[..., 3 * H:, :], W[3 * H:])  # ∂m/∂h_prev
     kcf = lin.coef["k_c"] * lin.coef["f"]  # ∂m/∂c_prev = diag(k_c f)
     out[..., P:, P:].zero_()
     out[..., P:, P:].diagonal(dim1=-2, dim2=-1).copy_(lin.coef["f"])

@@ -145,16 +145,21 @@ class DenseOperator:
     def to(self, dtype):
         return DenseOperator(self.J.to(dtype))
 
+    def select_batch(self, idx):
+        """The same steps for batch items ``idx`` only."""
+        return DenseOperator(self.J[:, idx])
+
     def matvec(self, V, k=None):
         return (self.J if k is None else self.J[k]) @ V.to(self.J.dtype)
 
     def rmatvec(self, U, k=None):
         return (self.J if k is None else self.J[k]).mT @ U.to(self.J.dtype)
 
-    def apply_rows(self, R, k, transpose):
-        """Rows R [n, B, S] -> rows of J_k v (or J_kᵀ u) for every row."""
+    def apply_rows(self, R, k, transpose, out=None):
+        """Rows R [n, B, S] -> rows of J_k v (or J_kᵀ u) for every row (into ``out`` if given)."""
         Jk = self.J[k].to(R.dtype)
-        return torch.einsum("nbs,bst->nbt", R, Jk) if transpose else torch.einsum("nbt,bst->nbs", R, Jk)
+        res = torch.einsum("nbs,bst->nbt", R, Jk) if transpose else torch.einsum("nbt,bst->nbs", R, Jk)
+        return res if out is None else out.copy_(res)
 
 
 def _as_operator(op):

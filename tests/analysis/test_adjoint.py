@@ -92,3 +92,23 @@ def test_float32_sweep_is_close_and_underflow_free():
     assert torch.allclose(G32.log10[fin], G64.log10[fin], atol=1e-4, rtol=0)
     with pytest.raises(GradflowError, match="dtype"):
         gradient_matrix(tr, key, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.float64])
+def test_gradient_matrix_default_precision_follows_the_recorded_states(model_dtype):
+    import gradflow
+
+    torch.manual_seed(0)
+    rnn = torch.nn.GRU(3, 4).to(model_dtype)
+    x = torch.randn(12, 2, 3, dtype=model_dtype)
+    with gradflow.record(rnn, keep="states") as rec:
+        rnn(x)[0].pow(2).sum().backward()
+    key = rec.trace.keys()[0]
+    default = gradient_matrix(rec.trace, key)
+    same = gradient_matrix(rec.trace, key, dtype=model_dtype)
+    assert torch.equal(default.log10.isnan(), same.log10.isnan())
+    torch.testing.assert_close(default.log10, same.log10, rtol=0, atol=0, equal_nan=True)
+    if model_dtype == torch.float32:  # and it is close to the float64 sweep
+        G64 = gradient_matrix(rec.trace, key, dtype=torch.float64)
+        fin = torch.isfinite(G64.log10)
+        assert torch.allclose(default.log10[fin], G64.log10[fin], atol=1e-5, rtol=0)
