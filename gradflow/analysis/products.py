@@ -21,6 +21,8 @@ product of the diagonals.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -163,8 +165,8 @@ class LyapunovResult:
 
     exponents [B, k] descending; stderr [B, k] batch-means standard error (8 blocks of the steps
     after warm-up); drift [B] max_i |λ_i(second half) − λ_i(first half)|, a convergence check;
-    running [n, B, k] the running estimate after each re-orthonormalisation; steps [B] the number
-    of (valid) steps averaged; warmup: steps discarded."""
+    running [nblk, B, k] the running estimate at the end of each of those blocks; steps [B] the
+    number of (valid) steps averaged; warmup: steps discarded."""
 
     exponents: torch.Tensor
     stderr: torch.Tensor
@@ -174,14 +176,15 @@ class LyapunovResult:
     warmup: int
 
 
-@_util.single_threaded
 def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, blocks: int = 8,
-                       seed: int = 0) -> LyapunovResult:
+                       seed: int = 0, threads: int | None = None) -> LyapunovResult:
     """Lyapunov spectrum of the step-ordered Jacobians J (explicit [T, B, S, S] or a Linearization).
 
     warmup: steps run (to align Q with the dominant directions) but not averaged; k: number of
     exponents (default S; with k < S, Q_0 is a random orthonormal [S, k] frame); mask [T, B]: steps
-    that are False are identity maps and not counted."""
+    that are False are identity maps and not counted. Batch items are independent: they are swept
+    in ``threads`` groups in parallel (default: torch's intra-op thread count, at most the cores),
+    each with one intra-op thread."""
     op = _as_operator(J).to(torch.float64)
     T, B, S = op.shape
     mask = _util.check_mask(mask, T, B, "lyapunov_exponents")
@@ -191,20 +194,61 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
     k = S if k is None else _util.positive_int(k, "k", "lyapunov_exponents")
     if k > S:
         raise GradflowError(f"lyapunov_exponents: k={k} exceeds the state size S={S}")
+    if threads is None:
+        threads = min(torch.get_num_threads(), os.cpu_count() or 1)
+    threads = max(1, min(int(threads), B))
+    if getattr(op, "step", None) is not None:
+        threads = 1  # torch.func's forward-AD levels are per process, not per thread
+
     if k == S:
         Q = torch.eye(S, dtype=torch.float64).expand(B, S, S).clone()
     else:
         g = torch.Generator().manual_seed(seed)
         Q = torch.linalg.qr(torch.randn(S, k, generator=g, dtype=torch.float64)).Q.expand(B, S, k).clone()
     valid = torch.ones(T, B, dtype=torch.bool) if mask is None else mask
-    full = valid.all(1).tolist()
     counted = valid.clone()
     counted[:warmup] = False
     nblk = max(1, min(blocks, T - warmup))
     edges = [warmup + round(i * (T - warmup) / nblk) for i in range(nblk + 1)]
+    groups = [idx for idx in torch.arange(B).tensor_split(threads) if idx.numel()]
+
+    def sweep(idx):
+        sub = op if len(groups) == 1 else op.select_batch(idx)
+        return _lyapunov_sweep(sub, Q[idx], valid[:, idx], counted[:, idx], warmup, edges)
+
+    with _util.intra_op_threads(1):
+        if len(groups) == 1:
+            parts = [sweep(groups[0])]
+        else:
+            with ThreadPoolExecutor(len(groups)) as ex:
+                parts = list(ex.map(sweep, groups))
+    blk_sum, blk_n = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    total, n_tot = blk_sum.sum(0), blk_n.sum(0)
+    ex = total / n_tot.clamp_min(1)[:, None]
+    order = ex.argsort(-1, descending=True)
+    bm = blk_sum / blk_n.clamp_min(1)[..., None]
+    bm = bm.gather(-1, order.expand(nblk, B, k))
+    stderr = bm.std(0, unbiased=True) / math.sqrt(nblk) if nblk > 1 else torch.full((B, k), math.nan)
+    running = (blk_sum.cumsum(0) / blk_n.cumsum(0).clamp_min(1)[..., None]).sort(-1, descending=True).values
+    half = nblk // 2
+    if half >= 1:
+        first = blk_sum[:half].sum(0) / blk_n[:half].sum(0).clamp_min(1)[:, None]
+        second = blk_sum[half:].sum(0) / blk_n[half:].sum(0).clamp_min(1)[:, None]
+        drift = (first.sort(-1).values - second.sort(-1).values).abs().amax(-1)
+    else:
+        drift = torch.full((B,), math.nan)
+    return LyapunovResult(ex.gather(-1, order), stderr, drift, running, n_tot, warmup)
+
+
+def _lyapunov_sweep(op, Q, valid, counted, warmup: int, edges: list[int]):
+    """QR propagation of the frames Q [B, S, k] through all steps of ``op``; returns the per-block sums
+    of ln|R_ii| [nblk, B, k] and valid-step counts [nblk, B] of the statistics blocks ``edges``."""
+    T, B, _ = op.shape
+    k = Q.shape[-1]
+    nblk = len(edges) - 1
+    full = valid.all(1).tolist()
     blk_sum = torch.zeros(nblk, B, k, dtype=torch.float64)
     blk_n = torch.zeros(nblk, B, dtype=torch.float64)
-    running, total, n_tot = [], torch.zeros(B, k, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
     span = 1
     t = 0
     while t < T:
@@ -217,29 +261,14 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
         lr = _logabs(R.diagonal(dim1=-2, dim2=-1))  # [B, k], the sum over the block's steps
         if e > warmup:
             blk = max(i for i in range(nblk) if edges[i] <= t)
-            n = counted[t:e].sum(0).to(torch.float64)
             blk_sum[blk] += lr
-            blk_n[blk] += n
-            total, n_tot = total + lr, n_tot + n
-            running.append((total / n_tot.clamp_min(1)[:, None]).sort(-1, descending=True).values)
+            blk_n[blk] += counted[t:e].sum(0).to(torch.float64)
         fin = lr[torch.isfinite(lr)]
         per = (fin.abs().amax() if fin.numel() else torch.tensor(0.0)) / (e - t)
         spread = ((lr.amax(-1) - lr.amin(-1)).amax() / (e - t)) if bool(torch.isfinite(lr).all()) else math.inf
         span = max(1, min(64, int(min(_SPREAD / max(float(spread), 1e-12), _RANGE / max(float(per), 1e-12)))))
         t = e
-    ex = total / n_tot.clamp_min(1)[:, None]
-    order = ex.argsort(-1, descending=True)
-    bm = blk_sum / blk_n.clamp_min(1)[..., None]
-    bm = bm.gather(-1, order.expand(nblk, B, k))
-    stderr = bm.std(0, unbiased=True) / math.sqrt(nblk) if nblk > 1 else torch.full((B, k), math.nan)
-    half = nblk // 2
-    if half >= 1:
-        first = blk_sum[:half].sum(0) / blk_n[:half].sum(0).clamp_min(1)[:, None]
-        second = blk_sum[half:].sum(0) / blk_n[half:].sum(0).clamp_min(1)[:, None]
-        drift = (first.sort(-1).values - second.sort(-1).values).abs().amax(-1)
-    else:
-        drift = torch.full((B,), math.nan)
-    return LyapunovResult(ex.gather(-1, order), stderr, drift, torch.stack(running), n_tot, warmup)
+    return blk_sum, blk_n
 
 
 def _step_ordered(trace: Trace, key):
@@ -260,9 +289,9 @@ def product_spectrum(trace: Trace, key, *, distances=None, start: int = 0) -> to
 
 
 def lyapunov_spectrum(trace: Trace, key, *, warmup: int = 0, k: int | None = None, blocks: int = 8,
-                      seed: int = 0) -> LyapunovResult:
+                      seed: int = 0, threads: int | None = None) -> LyapunovResult:
     """Lyapunov exponents (ln per step, descending, per batch item) of the joint state of ``key``'s unit
     along the recorded sequence, from its per-step Jacobians in processing order; masked steps are
     not counted. See :func:`lyapunov_exponents`."""
     op, mask = _step_ordered(trace, key)
-    return lyapunov_exponents(op, warmup=warmup, k=k, mask=mask, blocks=blocks, seed=seed)
+    return lyapunov_exponents(op, warmup=warmup, k=k, mask=mask, blocks=blocks, seed=seed, threads=threads)

@@ -141,3 +141,19 @@ def test_bad_arguments():
         lyapunov_exponents(torch.randn(5, 3, 3))
     with pytest.raises(GradflowError, match=r"mask must be \[T, B\]"):
         product_singular_values(J, mask=torch.ones(5, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_lyapunov_batch_groups_in_parallel_equal_one_sweep(kind):
+    """Batch items are swept in thread groups; the spectrum, its error bars and the running
+    estimates equal the single sweep's (masked steps included) up to rounding: each group picks
+    its own number of steps per QR."""
+    tr, key, _ = h.make_trace(kind, T=40, B=5, lengths=[40, 31, 40, 25, 12], seed=3)
+    one = lyapunov_spectrum(tr, key, warmup=5, threads=1)
+    par = lyapunov_spectrum(tr, key, warmup=5, threads=3)
+    for f in ("exponents", "stderr", "drift", "running", "steps"):
+        torch.testing.assert_close(getattr(par, f), getattr(one, f), rtol=1e-8, atol=1e-8,
+                                   equal_nan=True, msg=f)
+    assert one.running.shape == (8, 5, one.exponents.shape[-1])
+    J = torch.randn(30, 4, 3, 3, dtype=torch.float64) * 0.7  # explicit Jacobians too
+    torch.testing.assert_close(lyapunov_exponents(J, threads=2).exponents, lyapunov_exponents(J, threads=1).exponents)
