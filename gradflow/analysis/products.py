@@ -37,6 +37,7 @@ __all__ = ["product_singular_values", "product_spectrum", "lyapunov_exponents", 
 
 _SPREAD = 18.0  # ln of the largest condition number allowed inside one block product
 _RANGE = 300.0  # ln of the largest magnitude allowed inside one block product
+_DENSE_ELEMS = 1 << 21  # entries of dense Jacobians formed at once by the Lyapunov sweep
 
 
 def _logabs(x):
@@ -249,15 +250,28 @@ def _lyapunov_sweep(op, Q, valid, counted, warmup: int, edges: list[int]):
     full = valid.all(1).tolist()
     blk_sum = torch.zeros(nblk, B, k, dtype=torch.float64)
     blk_n = torch.zeros(nblk, B, dtype=torch.float64)
+    # A GRU's J v costs a GEMM with all three gate blocks of W_hh (3H columns); once the frame has
+    # more than S/3 columns, forming each J_t (vectorised over steps) and one batched J Q is cheaper.
+    S = op.shape[2]
+    dense = (getattr(op, "step", True) is None and op.cell.kind == "gru" and 3 * k > S)
+    chunk = max(1, _DENSE_ELEMS // max(1, B * S * S))  # steps of dense Jacobians held at once
     span = 1
     t = 0
     while t < T:
         # one block: steps t .. e-1, never crossing a warm-up or statistics-block edge
         e = min(T, t + span, min(x for x in edges + [T] if x > t))
-        Zr = Q.permute(2, 0, 1).contiguous()  # rows [k, B, S]
-        for j in range(t, e):
-            Zr = _rows(op, Zr, j, None if full[j] else valid[j])
-        Q, R = _qr(Zr.permute(1, 2, 0))
+        if dense:
+            Z = Q
+            for a in range(t, e, chunk):
+                Jc = op.select(slice(a, min(e, a + chunk))).dense()  # masked steps: identity
+                for Jj in Jc:
+                    Z = torch.bmm(Jj, Z)
+        else:
+            Zr = Q.permute(2, 0, 1).contiguous()  # rows [k, B, S]
+            for j in range(t, e):
+                Zr = _rows(op, Zr, j, None if full[j] else valid[j])
+            Z = Zr.permute(1, 2, 0)
+        Q, R = _qr(Z)
         lr = _logabs(R.diagonal(dim1=-2, dim2=-1))  # [B, k], the sum over the block's steps
         if e > warmup:
             blk = max(i for i in range(nblk) if edges[i] <= t)

@@ -157,3 +157,20 @@ def test_lyapunov_batch_groups_in_parallel_equal_one_sweep(kind):
     assert one.running.shape == (8, 5, one.exponents.shape[-1])
     J = torch.randn(30, 4, 3, 3, dtype=torch.float64) * 0.7  # explicit Jacobians too
     torch.testing.assert_close(lyapunov_exponents(J, threads=2).exponents, lyapunov_exponents(J, threads=1).exponents)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn_tanh"])
+@pytest.mark.parametrize("dense_elems", [1 << 21, 40])  # 40: the dense route forms one step at a time
+def test_lyapunov_of_a_linearization_equals_that_of_its_dense_jacobians(kind, dense_elems, monkeypatch):
+    """The factored (J v) and the dense (J Q with J_t formed, used for GRU full spectra) routes give
+    the spectrum of the explicit Jacobians, masked steps included."""
+    from gradflow.analysis import linearize_trace, products
+
+    monkeypatch.setattr(products, "_DENSE_ELEMS", dense_elems)
+    tr, key, _ = h.make_trace(kind, T=30, B=3, lengths=[30, 22, 9], seed=5)
+    op = linearize_trace(tr, key, dtype=torch.float64)
+    mask = tr.mask(key)
+    got = lyapunov_exponents(op, warmup=2, mask=mask, threads=1)
+    ref = lyapunov_exponents(op.dense(), warmup=2, mask=mask, threads=1)
+    torch.testing.assert_close(got.exponents, ref.exponents, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.steps, ref.steps)
