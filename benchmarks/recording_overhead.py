@@ -80,6 +80,17 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _two_steps(model, x, opt, variant):
+    """The two measured steps: plain, or a loop inside one record()."""
+    if variant == "plain":
+        for _ in range(2):
+            step(model, x, opt)
+    else:
+        with gradflow.record(model, keep="norms", keep_traces=False):
+            for _ in range(2):
+                step(model, x, opt)
+
+
 def _peak_child(args, variant, q):
     """Peak resident-set growth of two training steps: free memory is returned to the OS
     (malloc_trim) and the kernel's peak counter reset (clear_refs 5) before the steps."""
@@ -92,13 +103,7 @@ def _peak_child(args, variant, q):
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     base = _rss_kib("VmRSS")
-    if variant == "plain":
-        for _ in range(2):
-            step(model, x, opt)
-    else:
-        with gradflow.record(model, keep="norms", keep_traces=False):
-            for _ in range(2):
-                step(model, x, opt)
+    _two_steps(model, x, opt, variant)
     q.put((_rss_kib("VmHWM") - base) / 1024)
 
 
@@ -108,13 +113,7 @@ def _cuda_peak(args, variant):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    if variant == "plain":
-        for _ in range(2):
-            step(model, x, opt)
-    else:
-        with gradflow.record(model, keep="norms", keep_traces=False):
-            for _ in range(2):
-                step(model, x, opt)
+    _two_steps(model, x, opt, variant)
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
