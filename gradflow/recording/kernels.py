@@ -138,6 +138,20 @@ def _prev(s: torch.Tensor, s0: torch.Tensor, a: int, b: int, buf: torch.Tensor) 
     return buf
 
 
+def _dsigmoid_times(a: torch.Tensor, other: torch.Tensor, tmp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = σ'·other from the sigmoid's value a: a(1 − a)·other (out may be other)."""
+    torch.mul(a, a, out=tmp)
+    torch.sub(a, tmp, out=tmp)
+    return torch.mul(tmp, other, out=out)
+
+
+def _dtanh_times(a: torch.Tensor, other: torch.Tensor, tmp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = tanh'·other from the tanh's value a: (1 − a²)·other (out may be other)."""
+    torch.mul(a, a, out=tmp)
+    tmp.neg_().add_(1)
+    return torch.mul(tmp, other, out=out)
+
+
 # Time steps per block when a backward forms its derivative factors: vectorised over a block held
 # in small reused buffers, instead of [T, B, H] temporaries whose fresh pages cost more than the
 # arithmetic.
@@ -208,26 +222,16 @@ class LSTMRecurrence(torch.autograd.Function):
         a = gates[s:e]
         i, f, g, o = a[..., :H], a[..., H: 2 * H], a[..., 2 * H: 3 * H], a[..., 3 * H:]
         cp = _prev(cs, c0, s, e, cp)  # c_{t-1}
-        k = A  # A holds tanh(c̃) until the last line
+        k = A  # A holds tanh(c̃) until the last product
         if mask is None:
             torch.tanh(cs[s:e], out=k)  # c̃_t = c_t where every step exists
         else:
             torch.mul(f, cp, out=k).addcmul_(i, g).tanh_()
-        torch.mul(i, i, out=tmp)
-        torch.sub(i, tmp, out=tmp)
-        torch.mul(tmp, g, out=Q[:, :, 0])
-        torch.mul(f, f, out=tmp)
-        torch.sub(f, tmp, out=tmp)
-        torch.mul(tmp, cp, out=Q[:, :, 1])
-        torch.mul(g, g, out=tmp)
-        tmp.neg_().add_(1)
-        torch.mul(tmp, i, out=Q[:, :, 2])
-        torch.mul(o, o, out=tmp)
-        torch.sub(o, tmp, out=tmp)
-        torch.mul(tmp, k, out=Q[:, :, 3])
-        torch.mul(k, k, out=tmp)
-        tmp.neg_().add_(1)
-        torch.mul(tmp, o, out=A)
+        _dsigmoid_times(i, g, tmp, Q[:, :, 0])
+        _dsigmoid_times(f, cp, tmp, Q[:, :, 1])
+        _dtanh_times(g, i, tmp, Q[:, :, 2])
+        _dsigmoid_times(o, k, tmp, Q[:, :, 3])
+        _dtanh_times(k, o, tmp, A)  # last: A held tanh(c̃) = k until here
 
     @staticmethod
     @once_differentiable
@@ -348,16 +352,9 @@ class GRURecurrence(torch.autograd.Function):
             h_prev = _prev(out, h0, s, e, hp)
             # dan = dv·(1−z)(1−n²); dx_r = dan·r(1−r)·hn; dx_z = dv·z(1−z)(h_prev − n)
             fn, fz, fr, tp = Fn[:m], Fz[:m], Fr[:m], tmp[:m]
-            torch.mul(n, n, out=tp)
-            tp.neg_().add_(1)
-            torch.neg(z, out=fn).add_(1).mul_(tp)
-            torch.mul(z, z, out=tp)
-            torch.sub(z, tp, out=tp)
-            torch.sub(h_prev, n, out=fz)
-            fz.mul_(tp)
-            torch.mul(r, r, out=tp)
-            torch.sub(r, tp, out=tp)
-            torch.mul(tp, hns[s:e], out=fr)
+            _dtanh_times(n, torch.neg(z, out=fn).add_(1), tp, fn)
+            _dsigmoid_times(z, torch.sub(h_prev, n, out=fz), tp, fz)
+            _dsigmoid_times(r, hns[s:e], tp, fr)
             for t in range(e - 1, s - 1, -1):
                 j = t - s
                 dh_t = d_h[t]
