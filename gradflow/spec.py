@@ -21,7 +21,8 @@ A spec states a claim and the runs that test it::
 
     [analysis]
     warmup = 5                             # Lyapunov warm-up steps
-    horizon_fraction = 1e-3                # memory horizon: gradient below this fraction of distance 0
+    horizon_fraction = 1e-3                # memory horizon: gradient below this fraction of ...
+    horizon_reference = 1                  # ... its value at this distance (1: past the readout)
     max_rank = 32                          # singular values kept per Jacobian in spectra.csv
     batch_limit = 16                       # sequences used for spectra, products and Lyapunov
 
@@ -55,9 +56,9 @@ MODEL_KEYS = {"hidden", "layers", "dropout", "init", "gain", "forget_bias"}
 TRAIN_KEYS = {"steps", "batch", "optimizer", "lr", "momentum", "seed", "device", "clip", "eval_batch",
               "record_every", "record_per_decade", "record_steps", "flush_every"}
 CLIP_KEYS = {"mode", "threshold"}
-ANALYSIS_KEYS = {"warmup", "horizon_fraction", "max_rank", "keys", "lyapunov", "products", "batch_limit"}
+ANALYSIS_KEYS = {"warmup", "horizon_fraction", "horizon_reference", "max_rank", "keys", "lyapunov", "products", "batch_limit"}
 RUN_KEYS = {"label", "cell", "task", "model", "train"} | MODEL_KEYS
-ANALYSIS_DEFAULTS = {"warmup": 0, "horizon_fraction": 1e-3, "max_rank": 32, "keys": "all", "lyapunov": True,
+ANALYSIS_DEFAULTS = {"warmup": 0, "horizon_fraction": 1e-3, "horizon_reference": 1, "max_rank": 32, "keys": "all", "lyapunov": True,
                      "products": True, "batch_limit": 16}
 
 
@@ -158,6 +159,9 @@ def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str
     hf = _typed(analysis["horizon_fraction"], (int, float), source, "analysis", "horizon_fraction", "a number")
     if not 0 < hf < 1:
         raise SpecError(f"{source}: [analysis] horizon_fraction must be in (0, 1), got {hf!r}")
+    hr = _typed(analysis["horizon_reference"], int, source, "analysis", "horizon_reference", "an integer >= 0")
+    if hr < 0:
+        raise SpecError(f"{source}: [analysis] horizon_reference must be an integer >= 0, got {hr!r}")
     runs = doc.get("runs")
     if not isinstance(runs, list) or not runs:
         raise SpecError(f"{source}: needs at least one [[runs]] table with cell = one of {', '.join(list_cells())}")

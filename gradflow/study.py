@@ -163,6 +163,7 @@ def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = N
     small = trace.subset(slice(0, int(opts.get("batch_limit", 16))))
     warmup = min(int(opts.get("warmup", 0)), max(T - 2, 0))
     frac = opts.get("horizon_fraction", 1e-3)
+    ref = int(opts.get("horizon_reference", 1))
     per_step = bool(opts.get("per_step_loss", False))
     for k in keys:
         primary = k.state == trace.cell(k).states[0]
@@ -173,12 +174,12 @@ def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = N
             # nothing about distance. Use G[s, t] = ||∂L_s/∂s_t|| (joint state) from the adjoint sweep.
             if not primary:
                 continue
-            prof = A.distance_profile(A.gradient_matrix(small, k), fraction=frac)
+            prof = A.distance_profile(A.gradient_matrix(small, k), fraction=frac, reference=ref)
         else:
-            prof = A.distance_profile(trace, k, fraction=frac)
+            prof = A.distance_profile(trace, k, fraction=frac, reference=ref)
         tabs = {"distance": prof.table, "decay": prof.decay}
         if not per_step and len(trace.cell(k).states) > 1 and primary:
-            joint = _joint_profile(trace, k, frac)
+            joint = _joint_profile(trace, k, frac, ref)
             for name in ("distance", "decay"):
                 tabs[name] = pd.concat([tabs[name], getattr(joint, "table" if name == "distance" else "decay")],
                                        ignore_index=True)
@@ -207,7 +208,7 @@ def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = N
     return {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()}
 
 
-def _joint_profile(trace, key, fraction):
+def _joint_profile(trace, key, fraction, reference=1):
     """Distance profile of the joint state's gradient norm sqrt(Σ_states ||dL/ds_t||²) of a
     multi-state cell (LSTM: h and c), reported under the key ``<unit>/hc``."""
     from . import analysis as A
@@ -217,7 +218,8 @@ def _joint_profile(trace, key, fraction):
     with np.errstate(divide="ignore"):
         logn = np.log10(np.sqrt(sq.numpy()))
     label = str(key.with_state("".join(states)))
-    return A.distance_profile(logn, label, direction=key.direction, mask=trace.mask(key), fraction=fraction)
+    return A.distance_profile(logn, label, direction=key.direction, mask=trace.mask(key), fraction=fraction,
+                              reference=reference)
 
 
 def _eval_classes(spec_run, trace) -> np.ndarray | None:

@@ -5,17 +5,30 @@ distance of position t is ``last(b) − t`` for direction 0 (``T−1−t`` when 
 ``t − first(b)`` (= t) for direction 1; for a gradient matrix G[s, t] it is the processing-order
 distance between source s and position t.
 
-* ``frac_zero``: the fraction of gradients that are exactly 0 — float underflow, reported, never a
-  zero gradient in the analysis: the decay fit uses the finite values and the decay row says
-  ``underflow=True``; recompute with ``source='jacobians'`` to get those values in log space.
+* ``frac_zero``: the fraction of gradients that are exactly 0, reported, never a zero gradient in
+  the analysis. Two causes are told apart per sequence. *Underflow*: exactly 0 at a distance beyond
+  one where the sequence's gradient was nonzero; the decay row says ``underflow=True`` and the
+  first such distance; recompute with ``source='jacobians'`` to get those values in log space.
+  *No gradient at all*: a sequence that is exactly 0 at every distance (a saturated loss, a masked
+  target) carries no evidence about decay; it is counted in ``n_silent`` and left out of the
+  quantiles, the fit and the horizon. A zero only before the first nonzero value (an LSTM's c at
+  distance 0 when the loss reads h alone) is neither.
 * NaN/±Inf gradients are counted (``frac_nonfinite``) and listed in ``Profile.nonfinite`` with
   their position; they are left out of quantiles and fits, never silently.
 * decay_rate: mean over sequences of the per-sequence least-squares slope of log10||δ|| against
   distance (within ``fit_range``); CI: mean ± t₀.₉₇₅·sd/√n over those n sequences (n ≥ 3), else the
   pooled OLS slope and its standard error.
-* horizon: the first distance at which the median over sequences of log10||δ_d|| − log10||δ_0||
-  (each sequence against its own distance 0) is ≤ log10(fraction). Not reached within the data:
-  NaN with ``horizon_censored=True`` and ``horizon_extrapolated = log10(fraction)/decay_rate``.
+* horizon: the first distance d > r at which the median over sequences of log10||δ_d|| − log10||δ_r||
+  (each sequence against its own value at the reference distance r, ``reference``, default 1) is
+  ≤ log10(fraction). Not reached within the data: NaN with ``horizon_censored=True``, and
+  ``horizon_extrapolated = r + log10(fraction)/decay_rate`` when the fitted rate puts it beyond the
+  data (NaN otherwise: a fit that predicts the threshold inside the data, where the median did not
+  reach it, is not a straight line to extrapolate).
+* Why r = 1 and a fit from distance 1: distance 0 holds the loss's direct gradient, which enters
+  the state through the readout, not through the recurrence. For gated cells it is a transient
+  (an LSTM's h-part falls 2–3 decades in its first steps while the c-part carries the gradient
+  nearly flat), and measured from it "falls 1000× within 36 steps" would describe the readout,
+  not the memory. ``reference=0, fit_range=(0, None)`` gives the distance-0 convention.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ __all__ = ["DistanceProfile", "Profile", "distance_profile"]
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 DISTANCE_COLUMNS = ["key", "distance", "n", "q05", "q25", "q50", "q75", "q95", "frac_zero", "frac_nonfinite"]
 DECAY_COLUMNS = ["key", "decay_rate", "ci_low", "ci_high", "horizon", "horizon_censored", "fraction", "underflow",
-                 "horizon_extrapolated", "underflow_distance", "n_sequences", "source"]
+                 "horizon_extrapolated", "underflow_distance", "n_sequences", "n_silent", "reference", "source"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,18 +87,21 @@ def _quantiles(rows: np.ndarray) -> np.ndarray:
 class DistanceProfile:
     """Configuration of :func:`distance_profile`.
 
-    fraction: horizon threshold relative to distance 0; fit_range: (min, max) distances used for the
-    decay fit (max None = all); source: 'trace' (recorded norms) or 'jacobians' (recomputed in float64
+    fraction: horizon threshold relative to the gradient at distance ``reference`` (default 1, the
+    first step through the recurrence; see the module docstring); fit_range: (min, max) distances
+    used for the decay fit (max None = all); source: 'trace' (recorded norms) or 'jacobians' (recomputed in float64
     log space from a keep='states' trace, finite where float32 underflowed); direct: for
     source='jacobians', 'last' (loss on the last step) or 'derived'."""
 
     fraction: float = 1e-3
-    fit_range: tuple = (0, None)
+    reference: int = 1
+    fit_range: tuple = (1, None)
     source: str = "trace"
     direct: str = "last"
 
     def __post_init__(self):
         _util.fraction_in_01(self.fraction, "fraction", "distance_profile")
+        _util.positive_int(self.reference, "reference", "distance_profile", allow_zero=True)
         if self.source not in ("trace", "jacobians"):
             raise GradflowError(f"distance_profile: source={self.source!r} must be 'trace' or 'jacobians'")
         if self.direct not in ("last", "derived"):
@@ -121,6 +137,9 @@ class DistanceProfile:
         raw = L
         bad = present & (np.isnan(L) | np.isposinf(L))  # NaN/Inf gradient at an existing step
         L = np.where(present & ~bad, L, np.nan)
+        # a sequence exactly 0 wherever it exists received no gradient at all: no evidence about decay
+        silent = present.any(1) & (zero | ~present).all(1)
+        L = np.where(silent[:, None], np.nan, L)
         samples = L.T  # [D, n_seq]
         nonfin = bad.T
         n = present.sum(0)
@@ -135,11 +154,11 @@ class DistanceProfile:
         nonfinite = pd.DataFrame({"key": label, "t": loc[ij[:, 0], ij[:, 1], 0], "b": loc[ij[:, 0], ij[:, 1], 1],
                                   "distance": ij[:, 1], "log10_norm": raw[ij[:, 0], ij[:, 1]]},
                                  columns=["key", "t", "b", "distance", "log10_norm"])
-        decay = self._decay(label, L, zero)
+        decay = self._decay(label, L, zero & ~silent[:, None], int(silent.sum()))
         return Profile(table, decay, nonfinite, samples)
 
     # -------------------------------------------------------------- fit and horizon
-    def _decay(self, label, L, zero) -> pd.DataFrame:
+    def _decay(self, label, L, zero, n_silent: int) -> pd.DataFrame:
         n_seq, D = L.shape
         d = np.arange(D, dtype=float)
         lo, hi = self.fit_range
@@ -156,20 +175,27 @@ class DistanceProfile:
             half = float(stats.t.ppf(0.975, slopes.size - 1) * slopes.std(ddof=1) / math.sqrt(slopes.size))
         else:
             rate, half = _pooled_fit(L, ok, d)
-        thr = math.log10(self.fraction)
-        with np.errstate(invalid="ignore"):  # -inf - -inf (underflow at distance 0) is masked just below
-            rel = L - L[:, :1]
-            rel = np.where(np.isnan(L) | ~np.isfinite(L[:, :1]) | np.isposinf(L), np.nan, rel)
-        med = _quantiles(rel.T)[:, 2]
-        below = np.nonzero(med[1:] <= thr)[0]
-        horizon = float(below[0] + 1) if below.size else math.nan
-        extrap = thr / rate if (not below.size and np.isfinite(rate) and rate < 0) else math.nan
-        zd = np.nonzero(zero.any(0))[0]
+        thr, r = math.log10(self.fraction), self.reference
+        below = np.zeros(0, dtype=int)
+        if D > r + 1:
+            with np.errstate(invalid="ignore"):  # -inf - -inf (a zero reference) is masked just below
+                rel = L[:, r + 1:] - L[:, r:r + 1]
+                rel = np.where(np.isnan(L[:, r + 1:]) | ~np.isfinite(L[:, r:r + 1]) | np.isposinf(L[:, r + 1:]),
+                               np.nan, rel)
+            below = np.nonzero(_quantiles(rel.T)[:, 2] <= thr)[0]
+        horizon = float(below[0] + r + 1) if below.size else math.nan
+        extrap = r + thr / rate if (not below.size and np.isfinite(rate) and rate < 0) else math.nan
+        if not extrap > D - 1:  # only a prediction beyond the data is an extrapolation
+            extrap = math.nan
+        # underflow: exactly 0 beyond a distance where the same sequence was nonzero
+        nonzero = np.isfinite(L)
+        after = np.cumsum(nonzero, axis=1) > 0
+        zd = np.nonzero((zero & np.concatenate([np.zeros((n_seq, 1), bool), after[:, :-1]], 1)).any(0))[0]
         return pd.DataFrame([{
             "key": label, "decay_rate": rate, "ci_low": rate - half, "ci_high": rate + half, "horizon": horizon,
             "horizon_censored": not below.size, "fraction": self.fraction, "underflow": bool(zd.size),
             "horizon_extrapolated": extrap, "underflow_distance": float(zd[0]) if zd.size else math.nan,
-            "n_sequences": int(slopes.size), "source": self.source,
+            "n_sequences": int(slopes.size), "n_silent": n_silent, "reference": r, "source": self.source,
         }])[DECAY_COLUMNS]
 
 

@@ -108,7 +108,8 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
     """``summary`` rows (key, verdict, detail), one per key found in any input table.
 
     Order of evidence: NaN/Inf gradients ("non-finite"); the decay fit and horizon ("vanishing:
-    gradient falls 1000× within 14 steps", "exploding: gradient grows 1e+06× over 50 steps",
+    gradient falls 1000× by distance 15" — from its value at the decay row's reference distance,
+    named in ``detail`` —, "exploding: gradient grows 1e+06× over 50 steps",
     "stable: …"); without a decay row, the per-step spectra and the Lyapunov spectrum ("exploding:
     σ_max up to 1.8", "vanishing: every step contracts, σ_max ≤ 0.93"). ``detail`` lists the numbers."""
     tables = [t for t in (decay, spectra_summary, lyapunov, nonfinite, distance) if t is not None]
@@ -140,17 +141,26 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
                 verdict = (f"exploding: gradient grows {_fmt_factor(grow)}×{over}" if span and math.isfinite(grow)
                            else f"exploding: gradient grows {10 ** r.decay_rate:.3g}× per step")
             elif np.isfinite(r.horizon):
-                verdict = f"vanishing: gradient falls {f}× within {int(r.horizon)} steps"
+                verdict = f"vanishing: gradient falls {f}× by distance {int(r.horizon)}"
             elif r.underflow:
                 verdict = f"vanishing: gradient underflows float32 to 0 from distance {int(r.underflow_distance)}"
             elif math.isfinite(r.get("horizon_extrapolated", math.nan)):
                 verdict = (f"stable within the sequence: gradient falls less than {f}×"
-                           f"{f' over {span} steps' if span else ''} (≈{r.horizon_extrapolated:.0f} steps extrapolated)")
+                           f"{f' over {span} steps' if span else ''} (a {f}× fall extrapolated at distance "
+                           f"≈{r.horizon_extrapolated:.0f})")
             else:
                 verdict = f"stable: gradient does not fall {f}×{f' over {span} steps' if span else ''}"
+            ref = r.get("reference", math.nan)
+            if np.isfinite(r.horizon) or r.horizon_censored:
+                ref_s = f"distance {int(ref)}" if math.isfinite(ref) else "distance 0"
+                detail.append(f"horizon measured from the gradient at {ref_s}")
             if r.underflow:
                 detail.append(f"float32 underflow (exact zeros) from distance {int(r.underflow_distance)}; "
                               "log-space values come from source='jacobians'")
+            silent = r.get("n_silent", 0)
+            if silent and math.isfinite(silent):
+                detail.append(f"{int(silent)} sequence(s) received no gradient at all (exactly 0 at every "
+                              "distance) and are left out")
         if verdict is None and ss is not None and len(ss):
             smax = float(np.nanmax(ss["sigma_max"]))
             lam = float(ly.sort_values("rank")["exponent"].iloc[0]) if ly is not None and len(ly) else math.nan

@@ -118,7 +118,7 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
                     vl = ax.axvline(hz, color=c, ls=":", lw=1.4)
                     vl.set_gid(f"horizon|{run}|{key}")
                     any_hz = True
-                    note += f"; horizon {hz:.3g} steps ({_factor(frac)})"
+                    note += f"; horizon at {hz:.3g} ({_factor(frac)})"
                 if bool(row["underflow"]):
                     note += "; float32 underflow"
                 notes[key] = note.lstrip("; ")

@@ -78,7 +78,10 @@ EXPLAIN = {
         "loss), with the 25–75% (dark) and 5–95% (light) spread over the batch, on a shared log axis. "
         "A straight falling line means exponential vanishing; the dashed line has the fitted slope, "
         "written in the legend as the factor the gradient is multiplied by per step. The dotted line is "
-        "the memory horizon: the distance where the gradient has fallen by the stated factor. Triangles "
+        "the memory horizon: the distance where the gradient has fallen by the stated factor below its "
+        "value at distance 1, the first step back through the recurrence (distance 0 is the loss's direct "
+        "gradient, which reaches the state through the readout; in gated cells it falls away within a few "
+        "steps while the cell state still carries the gradient). Triangles "
         "at the bottom mark distances where some gradients were exactly 0 in float32: either underflow "
         "(the true value is below float32 range, not zero) or no gradient at all for those batch items "
         "(a saturated output, dead ReLU units)."
@@ -288,10 +291,13 @@ def _distance(rs: RunSet, have) -> Section:
             if hz == "not reached" and math.isfinite(ext) and ext > 0:
                 hz += f" (≈{ext:.3g} extrapolated)"
             ok = math.isfinite(rate)
+            ref = float(r.get("reference", 0.0))  # runs written before the reference column used distance 0
+            ref = int(ref) if math.isfinite(ref) else 0
             rows.append((r["run"], r["key"], f"{rate:.3g}" if ok else "—", ci, f"{10 ** rate:.3g}×" if ok else "—",
-                         hz, f"{float(r['fraction']):.3g}", "yes" if bool(r["underflow"]) else "no"))
+                         hz, f"{float(r['fraction']):.3g} × distance {ref}",
+                         "yes" if bool(r["underflow"]) else "no"))
         table = Table(("run", "state", "decay rate (log10/step)", "95% CI", "factor per step",
-                       "horizon (steps)", "horizon threshold", "float32 underflow"), tuple(rows))
+                       "horizon (distance)", "horizon threshold", "float32 underflow"), tuple(rows))
     return Section(
         "distance", TITLES["distance"], EXPLAIN["distance"], have, tuple(notes),
         draw=None if d is None else (lambda target=None: fig_distance(d, dec, target=target)),

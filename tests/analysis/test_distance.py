@@ -22,16 +22,18 @@ def orthogonal_linear_trace(s, *, T=30, B=4, H=4, direction=0, loss="last", leng
                         lengths=lengths)
 
 
-@pytest.mark.parametrize("direction", [0, 1])
-def test_orthogonal_decay_rate_and_horizon(direction):
+@pytest.mark.parametrize("direction,reference", [(0, 1), (1, 1), (0, 0), (1, 0), (0, 3)])
+def test_orthogonal_decay_rate_and_horizon(direction, reference):
     """W = s·Q: ||δ at distance d|| = s^d ||δ_0||, so the rate is log10 s per step and the horizon is
-    the first d with s^d <= 1e-3 (s = 0.6: 0.6^13 = 1.3e-3, 0.6^14 = 7.8e-4)."""
+    the first d with s^(d - r) <= 1e-3, r the reference distance (s = 0.6: 0.6^13 = 1.3e-3,
+    0.6^14 = 7.8e-4, so d = r + 14)."""
     tr, key, _ = orthogonal_linear_trace(0.6, direction=direction)
-    prof = distance_profile(tr, key)
+    prof = distance_profile(tr, key, reference=reference)
     dec = prof.decay.iloc[0]
     assert dec.decay_rate == pytest.approx(math.log10(0.6), abs=1e-10)
     assert dec.ci_low <= dec.decay_rate <= dec.ci_high and dec.ci_high - dec.ci_low < 1e-8
-    assert dec.horizon == 14 and not dec.horizon_censored and not dec.underflow
+    assert dec.horizon == reference + 14 and not dec.horizon_censored and not dec.underflow
+    assert dec.reference == reference and dec.n_silent == 0
     t = prof.table
     assert list(t["distance"]) == list(range(30)) and (t["n"] == 4).all()
     assert np.allclose(np.diff(t["q50"]), math.log10(0.6), atol=1e-10)
@@ -43,13 +45,44 @@ def test_censored_horizon_is_extrapolated_and_flagged():
     tr, key, _ = orthogonal_linear_trace(0.9, T=20)
     dec = distance_profile(tr, key).decay.iloc[0]
     assert dec.horizon_censored and math.isnan(dec.horizon)
-    assert dec.horizon_extrapolated == pytest.approx(-3 / math.log10(0.9), rel=1e-8)
+    assert dec.horizon_extrapolated == pytest.approx(1 - 3 / math.log10(0.9), rel=1e-8)  # from distance 1
+
+
+def test_no_extrapolation_inside_the_data():
+    """A profile that steps down 2.9 decades halfway never reaches 1000× below distance 1, but its
+    straight-line fit predicts the threshold inside the data: that is no horizon to report."""
+    D = 40
+    curve = np.r_[np.zeros(20), np.full(D - 20, -2.9)]
+    lg = torch.tensor(np.stack([curve, curve + 0.01], 1), dtype=h.DT)  # direction 1: distance = t
+    dec = distance_profile(lg, "x", direction=1).decay.iloc[0]
+    d = np.arange(1, D)
+    assert 1 - 3 / np.polyfit(d, curve[1:], 1)[0] < D - 1  # the fit alone would say "inside the data"
+    assert dec.horizon_censored and math.isnan(dec.horizon) and math.isnan(dec.horizon_extrapolated)
+
+
+def test_silent_sequences_and_leading_zeros_are_not_underflow():
+    """Sequence 0 has no gradient at all (saturated loss): counted, left out of the quantiles and the
+    fit. Sequence 1 is 0 only at distance 0 (an LSTM's c when the loss reads h): not underflow.
+    Sequence 2 underflows from distance 4."""
+    T = 8
+    d = np.arange(T, dtype=float)
+    cols = [np.full(T, -np.inf), np.r_[-np.inf, -0.5 * d[1:]], np.r_[-0.5 * d[:4], np.full(T - 4, -np.inf)]]
+    lg = torch.tensor(np.stack(cols, 1), dtype=h.DT)
+    prof = distance_profile(lg, "x", direction=1)
+    dec, t = prof.decay.iloc[0], prof.table.set_index("distance")
+    assert dec.n_silent == 1 and dec.n_sequences == 2
+    assert dec.underflow and dec.underflow_distance == 4
+    assert dec.decay_rate == pytest.approx(-0.5)
+    assert (t["n"] == 3).all() and t.loc[1, "frac_zero"] == pytest.approx(1 / 3) and t.loc[0, "frac_zero"] == pytest.approx(2 / 3)
+    assert t.loc[2, "q05"] == pytest.approx(-1.0)  # the silent sequence is left out
+    only_leading = distance_profile(lg[:, 1:2], "x", direction=1).decay.iloc[0]
+    assert not only_leading.underflow and only_leading.n_silent == 0
 
 
 def test_fraction_and_fit_range():
     tr, key, _ = orthogonal_linear_trace(0.6)
     dec = distance_profile(tr, key, fraction=0.1, fit_range=(5, 12)).decay.iloc[0]
-    assert dec.horizon == 5 and dec.fraction == 0.1  # 0.6^4 = 0.13, 0.6^5 = 0.078
+    assert dec.horizon == 6 and dec.fraction == 0.1  # 0.6^4 = 0.13, 0.6^5 = 0.078, from distance 1
     assert dec.decay_rate == pytest.approx(math.log10(0.6), abs=1e-10)
 
 
@@ -66,7 +99,7 @@ def test_float32_underflow_is_reported_and_recovered_in_log_space():
     t2, dec2 = logspace.table, logspace.decay.iloc[0]
     assert np.isfinite(t2["q50"]).all() and (t2.loc[far, "frac_zero"] == 1).all()  # zeros still reported
     assert np.allclose(t2["q50"].to_numpy(), np.median(exact.numpy()[::-1], axis=1), atol=1e-4)
-    assert dec2.underflow and dec2.decay_rate == pytest.approx(-2, abs=1e-5) and dec2.horizon == 2
+    assert dec2.underflow and dec2.decay_rate == pytest.approx(-2, abs=1e-5) and dec2.horizon == 3
 
 
 def test_nan_gradients_are_located_not_dropped():
@@ -106,13 +139,14 @@ def test_gradient_matrix_profile_per_step_losses():
     prof = distance_profile(G)
     dec = prof.decay.iloc[0]
     assert dec.decay_rate == pytest.approx(math.log10(0.6), abs=1e-8)
-    assert dec.horizon == 14
+    assert dec.horizon == 15
     assert list(prof.table["n"])[:3] == [40, 38, 36]  # (T - d) sources × B
 
 
 def test_bad_configuration():
     for kw, word in [({"fraction": 2}, "fraction"), ({"source": "disk"}, "source"), ({"direct": "x"}, "direct"),
-                     ({"fit_range": (5, 2)}, "fit_range")]:
+                     ({"fit_range": (5, 2)}, "fit_range"), ({"reference": -1}, "reference"),
+                     ({"reference": 1.5}, "reference")]:
         with pytest.raises(GradflowError, match=word):
             DistanceProfile(**kw)
     with pytest.raises(GradflowError, match=r"\[T, B\]"):

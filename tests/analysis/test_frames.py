@@ -58,7 +58,7 @@ def _decay(**kw):
 DIST = pd.DataFrame({"key": "k", "distance": range(50)})
 
 VERDICTS = [  # (decay overrides, spectra sigma_max, start of the verdict)
-    ({}, None, "vanishing: gradient falls 1000× within 14 steps"),
+    ({}, None, "vanishing: gradient falls 1000× by distance 14"),
     ({"decay_rate": 0.12, "ci_low": 0.1, "ci_high": 0.14, "horizon": math.nan, "horizon_censored": True},
      [1.8, 1.2], "exploding: gradient grows"),
     ({"horizon": math.nan, "horizon_censored": True, "underflow": True, "underflow_distance": 30.0}, None,
@@ -80,6 +80,14 @@ def test_verdicts(over, smax, start):
     assert out["verdict"].iloc[0].startswith(start), out["verdict"].iloc[0]
     if dec is not None:
         assert "decay rate" in out["detail"].iloc[0]
+
+
+def test_detail_names_the_reference_and_silent_sequences():
+    d = verdicts(_decay(reference=1, n_silent=61), distance=DIST)["detail"].iloc[0]
+    assert "horizon measured from the gradient at distance 1" in d
+    assert "61 sequence(s) received no gradient at all" in d
+    old = verdicts(_decay(), distance=DIST)["detail"].iloc[0]  # a run written before the reference column
+    assert "from the gradient at distance 0" in old and "no gradient at all" not in old
 
 
 def test_nonfinite_verdict_wins():

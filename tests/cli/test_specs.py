@@ -30,3 +30,16 @@ def test_demo_spec_validates():
     text = resources.files("gradflow.specs").joinpath("demo.toml").read_text()
     spec = parse_spec(tomllib.loads(text), source="demo.toml")
     assert [r.cell for r in spec.runs] == ["rnn_tanh", "lstm", "gru", "rnn_relu", "rnn_relu"]
+
+
+@pytest.mark.parametrize("value,ok", [(0, True), (3, True), (-1, False), (1.5, False), (True, False), ("1", False)])
+def test_horizon_reference_is_checked(value, ok):
+    from gradflow.errors import SpecError
+
+    doc = tomllib.loads(resources.files("gradflow.specs").joinpath("demo.toml").read_text())
+    doc.setdefault("analysis", {})["horizon_reference"] = value
+    if ok:
+        assert parse_spec(doc, source="demo.toml").analysis["horizon_reference"] == value
+    else:
+        with pytest.raises(SpecError, match=r"demo\.toml.*horizon_reference"):
+            parse_spec(doc, source="demo.toml")

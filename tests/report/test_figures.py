@@ -138,7 +138,7 @@ def test_distance_lines_fit_horizon_and_underflow(runset):
     # the vanishing run really underflows in the synthetic data, and the plot says so
     assert "underflow|rnn_tanh|rnn/l0/d0/h" in under
     texts = [t.get_text() for ax in fig.get_axes() if ax.get_legend() for t in ax.get_legend().get_texts()]
-    assert any("×0.2 per step" in t and "horizon 4.29 steps (falls 1,000×)" in t and "underflow" in t for t in texts)
+    assert any("×0.2 per step" in t and "horizon at 4.29 (falls 1,000×)" in t and "underflow" in t for t in texts)
     assert any("horizon > 79 steps" in t for t in texts)
     # a reference line at the float32 limit, since the data reach it
     ref = [ln for ax in fig.get_axes() for ln in ax.get_lines()
