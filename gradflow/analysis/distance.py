@@ -21,9 +21,10 @@ distance between source s and position t.
 * horizon: the first distance d > r at which the median over sequences of log10||δ_d|| − log10||δ_r||
   (each sequence against its own value at the reference distance r, ``reference``, default 1) is
   ≤ log10(fraction). Not reached within the data: NaN with ``horizon_censored=True``, and
-  ``horizon_extrapolated = r + log10(fraction)/decay_rate`` when the fitted rate puts it beyond the
-  data (NaN otherwise: a fit that predicts the threshold inside the data, where the median did not
-  reach it, is not a straight line to extrapolate).
+  ``horizon_extrapolated = r + log10(fraction)/decay_rate`` when the rate's 95% CI lies below 0 and
+  the fit puts the threshold beyond the data (NaN otherwise: a rate that may be 0 predicts nothing,
+  and a fit that predicts the threshold inside the data, where the median did not reach it, is not
+  a straight line to extrapolate).
 * Why r = 1 and a fit from distance 1: distance 0 holds the loss's direct gradient, which enters
   the state through the readout, not through the recurrence. For gated cells it is a transient
   (an LSTM's h-part falls 2–3 decades in its first steps while the c-part carries the gradient
@@ -184,7 +185,8 @@ class DistanceProfile:
                                np.nan, rel)
             below = np.nonzero(_quantiles(rel.T)[:, 2] <= thr)[0]
         horizon = float(below[0] + r + 1) if below.size else math.nan
-        extrap = r + thr / rate if (not below.size and np.isfinite(rate) and rate < 0) else math.nan
+        falling = np.isfinite(rate) and rate < 0 and (not np.isfinite(half) or rate + half < 0)
+        extrap = r + thr / rate if (not below.size and falling) else math.nan
         if not extrap > D - 1:  # only a prediction beyond the data is an extrapolation
             extrap = math.nan
         # underflow: exactly 0 beyond a distance where the same sequence was nonzero

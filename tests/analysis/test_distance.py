@@ -58,6 +58,11 @@ def test_no_extrapolation_inside_the_data():
     d = np.arange(1, D)
     assert 1 - 3 / np.polyfit(d, curve[1:], 1)[0] < D - 1  # the fit alone would say "inside the data"
     assert dec.horizon_censored and math.isnan(dec.horizon) and math.isnan(dec.horizon_extrapolated)
+    # a rate whose 95% CI spans 0 predicts no fall at all
+    d = np.arange(20.0)
+    flat = torch.tensor(np.stack([sl * d for sl in (0.01, -0.02, -0.005, 0.002)], 1), dtype=h.DT)
+    dec = distance_profile(flat, "x", direction=1).decay.iloc[0]
+    assert dec.decay_rate < 0 < dec.ci_high and math.isnan(dec.horizon_extrapolated)
 
 
 def test_silent_sequences_and_leading_zeros_are_not_underflow():
