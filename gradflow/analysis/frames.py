@@ -118,7 +118,7 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
     for key in keys:
         sel = lambda t: None if t is None else t[t["key"].astype(str) == key]  # noqa: E731
         dec, ss, ly, nf, dist = sel(decay), sel(spectra_summary), sel(lyapunov), sel(nonfinite), sel(distance)
-        detail, verdict = [], None
+        detail, verdict, ref_note = [], None, None
         if ss is not None and len(ss):
             smax = float(np.nanmax(ss["sigma_max"])) if ss["sigma_max"].notna().any() else math.nan
             detail.append(f"σ_max per step up to {smax:.3g} (mean {np.nanmean(ss['sigma_max']):.3g}), "
@@ -150,10 +150,8 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
                            f"≈{r.horizon_extrapolated:.0f})")
             else:
                 verdict = f"stable: gradient does not fall {f}×{f' over {span} steps' if span else ''}"
-            ref = r.get("reference", math.nan)
-            if np.isfinite(r.horizon) or r.horizon_censored:
-                ref_s = f"distance {int(ref)}" if math.isfinite(ref) else "distance 0"
-                detail.append(f"horizon measured from the gradient at {ref_s}")
+            ref = r.get("reference", math.nan)  # runs written before the column measured from distance 0
+            ref_note = f"horizon measured from the gradient at distance {int(ref) if math.isfinite(ref) else 0}"
             if r.underflow:
                 detail.append(f"float32 underflow (exact zeros) from distance {int(r.underflow_distance)}; "
                               "log-space values come from source='jacobians'")
@@ -178,6 +176,8 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
             first = nf.iloc[0]
             where = ", ".join(f"{c}={first[c]}" for c in ("t", "b", "step") if c in nf.columns)
             verdict = f"non-finite: {len(nf)} NaN/Inf gradient(s), first at {where}"
+        if ref_note and verdict and verdict.startswith(("vanishing: gradient falls", "stable")):
+            detail.append(ref_note)
         rows.append({"key": key, "verdict": verdict or "no evidence", "detail": "; ".join(detail)})
     return pd.DataFrame(rows, columns=_cols("summary"))
 

@@ -88,12 +88,16 @@ def test_detail_names_the_reference_and_silent_sequences():
     assert "61 sequence(s) received no gradient at all" in d
     old = verdicts(_decay(), distance=DIST)["detail"].iloc[0]  # a run written before the reference column
     assert "from the gradient at distance 0" in old and "no gradient at all" not in old
+    grows = verdicts(_decay(decay_rate=0.12, ci_low=0.1, ci_high=0.14, horizon=math.nan, horizon_censored=True,
+                            reference=1), distance=DIST)
+    assert grows["verdict"].iloc[0].startswith("exploding") and "horizon measured" not in grows["detail"].iloc[0]
 
 
 def test_nonfinite_verdict_wins():
     nf = pd.DataFrame({"key": ["k"], "t": [3], "b": [1], "distance": [5], "log10_norm": [np.nan]})
     out = verdicts(_decay(), nonfinite=nf)
     assert out["verdict"].iloc[0] == "non-finite: 1 NaN/Inf gradient(s), first at t=3, b=1"
+    assert "horizon measured" not in out["detail"].iloc[0]
 
 
 def test_analysis_imports_neither_recording_nor_plotting():
