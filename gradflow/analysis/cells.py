@@ -67,21 +67,26 @@ def check_inputs(cell: CellInfo, params: Mapping[str, torch.Tensor], x: torch.Te
 
 
 def _pre(params, x, h, dtype):
-    """(W_ih x + b_ih, W_hh h + b_hh) for all steps: two GEMMs over the flattened [T*B] rows."""
+    """(W_ih x + b_ih, W_hh h + b_hh) for all steps: one GEMM each over the flattened [T*B] rows,
+    the bias added by the GEMM itself (no second pass over a fresh [T, B, G*H] buffer)."""
     w_ih, w_hh = params["weight_ih"].to(dtype), params["weight_hh"].to(dtype)
-    gi = torch.matmul(x.to(dtype), w_ih.T)
-    gh = torch.matmul(h.to(dtype), w_hh.T)
+    x2, h2 = x.to(dtype).reshape(-1, x.shape[-1]), h.to(dtype).reshape(-1, h.shape[-1])
     if "bias_ih" in params:
-        gi = gi + params["bias_ih"].to(dtype)
-        gh = gh + params["bias_hh"].to(dtype)
-    return gi, gh
+        gi = torch.addmm(params["bias_ih"].to(dtype), x2, w_ih.T)
+        gh = torch.addmm(params["bias_hh"].to(dtype), h2, w_hh.T)
+    else:
+        gi, gh = x2 @ w_ih.T, h2 @ w_hh.T
+    lead = tuple(x.shape[:-1])
+    return gi.view(*lead, -1), gh.view(*lead, -1)
 
 
 def forward(cell: CellInfo, params, x, prev, dtype=None):
     """Gate activations and Jacobian coefficients for every step: dict of [T, B, H] tensors.
 
     Keys: gates (``i f g o`` / ``r z n``), and the coefficients named in the module docstring
-    (``d``; ``k_i k_f k_g k_o k_c f``; ``z c_r c_z c_n``)."""
+    (``d``; ``k_i k_f k_g k_o k_c f``; ``z c_r c_z c_n``). The gate coefficients are views of one
+    stacked tensor in W_hh's gate order, also returned: ``k4`` [T, B, 4H] (LSTM), ``c3`` [T, B, 3H]
+    (GRU). Computed in place where possible: every fresh multi-MB buffer costs page faults."""
     check_inputs(cell, params, x, prev)
     if dtype is None:
         dtype = torch.promote_types(x.dtype, params["weight_hh"].dtype)
@@ -91,30 +96,43 @@ def forward(cell: CellInfo, params, x, prev, dtype=None):
     h = prev[0].to(dtype)
     gi, gh = _pre(params, x, h, dtype)
     if cell.kind in ("rnn_tanh", "rnn_relu"):
-        a = gi + gh
+        a = gi.add_(gh)
         if cell.kind == "rnn_tanh":
             out = torch.tanh(a)
-            return {"a": a, "h": out, "d": 1 - out * out}
+            return {"a": a, "h": out, "d": torch.addcmul(torch.ones_like(out), out, out, value=-1)}
         return {"a": a, "h": torch.relu(a), "d": (a > 0).to(dtype)}
     if cell.kind == "lstm":
         c_prev = prev[1].to(dtype)
-        a = gi + gh
-        i, f, o = (torch.sigmoid(a[..., k * H:(k + 1) * H]) for k in (0, 1, 3))
-        g = torch.tanh(a[..., 2 * H:3 * H])
-        c = f * c_prev + i * g
+        a = gi.add_(gh)  # [.., 4H] pre-activations, gates i f g o
+        act = torch.empty_like(a)
+        torch.sigmoid(a, out=act)
+        torch.tanh(a[..., 2 * H:3 * H], out=act[..., 2 * H:3 * H])
+        i, f, g, o = act.split(H, -1)
+        c = torch.addcmul(f * c_prev, i, g)
         tc = torch.tanh(c)
-        return {
-            "i": i, "f": f, "g": g, "o": o, "c": c,
-            "k_i": g * i * (1 - i), "k_f": c_prev * f * (1 - f), "k_g": i * (1 - g * g),
-            "k_o": tc * o * (1 - o), "k_c": o * (1 - tc * tc),
-        }
+        k4 = torch.empty_like(a)  # σ'(a) = σ(1 - σ) for i, f, o; tanh' = 1 - g² for g
+        torch.addcmul(act, act, act, value=-1, out=k4)
+        k_i, k_f, k_g, k_o = k4.split(H, -1)
+        k_g.copy_(torch.addcmul(torch.ones_like(g), g, g, value=-1))
+        k_i.mul_(g)
+        k_f.mul_(c_prev)
+        k_g.mul_(i)
+        k_o.mul_(tc)
+        k_c = torch.addcmul(torch.ones_like(tc), tc, tc, value=-1).mul_(o)
+        return {"i": i, "f": f, "g": g, "o": o, "c": c, "k4": k4,
+                "k_i": k_i, "k_f": k_f, "k_g": k_g, "k_o": k_o, "k_c": k_c}
     # gru
-    r = torch.sigmoid(gi[..., :H] + gh[..., :H])
-    z = torch.sigmoid(gi[..., H:2 * H] + gh[..., H:2 * H])
+    rz = torch.sigmoid(gi[..., :2 * H].add_(gh[..., :2 * H]))
+    r, z = rz.split(H, -1)
     hn = gh[..., 2 * H:]
-    n = torch.tanh(gi[..., 2 * H:] + r * hn)
-    dn = (1 - z) * (1 - n * n)
-    return {"r": r, "z": z, "n": n, "c_z": (h - n) * z * (1 - z), "c_n": dn * r, "c_r": dn * hn * r * (1 - r)}
+    n = torch.tanh(torch.addcmul(gi[..., 2 * H:], r, hn))
+    c3 = torch.empty_like(gi)
+    c_r, c_z, c_n = c3.split(H, -1)
+    dn = torch.addcmul(torch.ones_like(n), n, n, value=-1).mul_(1 - z)  # (1 - z)(1 - n²)
+    torch.mul(dn, r, out=c_n)
+    torch.addcmul(r, r, r, value=-1, out=c_r).mul_(hn).mul_(dn)  # dn · hn · σ'(a_r)
+    torch.addcmul(z, z, z, value=-1, out=c_z).mul_(h - n)  # (h - n) · σ'(a_z)
+    return {"r": r, "z": z, "n": n, "c3": c3, "c_z": c_z, "c_n": c_n, "c_r": c_r}
 
 
 def gate_values(cell: CellInfo, params: Mapping[str, torch.Tensor], x: torch.Tensor, prev: tuple,

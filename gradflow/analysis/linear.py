@@ -194,10 +194,9 @@ def linearize(cell: CellInfo, params: Mapping[str, torch.Tensor] | None, x: torc
     out = cells.forward(cell, params, x, tuple(prev), dtype)
     # gate coefficients stacked in W_hh's gate order, so one product scales every gate block at once
     if cell.kind == "lstm":
-        coef = {"k4": torch.cat([out["k_i"], out["k_f"], out["k_g"], out["k_o"]], -1), "k_c": out["k_c"],
-                "f": out["f"]}
+        coef = {"k4": out["k4"], "k_c": out["k_c"], "f": out["f"]}
     elif cell.kind == "gru":
-        coef = {"z": out["z"], "c3": torch.cat([out["c_r"], out["c_z"], out["c_n"]], -1)}
+        coef = {"z": out["z"], "c3": out["c3"]}
     else:
         coef = {"d": out["d"]}
     dt = next(iter(coef.values())).dtype
