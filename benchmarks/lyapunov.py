@@ -5,8 +5,8 @@ A recorded nn.RNN/GRU/LSTM (``keep="states"``), T steps, B sequences, the full s
 J·Q products (no S×S Jacobian is formed), several steps per float64 QR while the spectrum's spread
 allows. Baseline (the textbook route): at every step the batch of Jacobians by
 ``vmap(jacrev(step))`` (float64, as gradflow), then ``Q, R = torch.linalg.qr(J @ Q)``, exponents = mean
-ln|diag R|. Both are timed with perf_counter in this process, best of --repeats runs after one
-untimed run. gradflow runs with its default thread choice (batch groups on a thread pool when the
+ln|diag R|. Both are timed with perf_counter in this process: --repeats rounds that run every
+variant in turn, after one untimed round, and the best time of each. gradflow runs with its default thread choice (batch groups on a thread pool when the
 step is large enough) and is also timed on one thread; the baseline is timed with one intra-op
 thread and with os.cpu_count(), and its faster time is the one compared. The exponents are checked to agree.
 
@@ -91,23 +91,31 @@ def main():
     key = trace.keys(state="h")[0]
     cores = os.cpu_count() or 1
 
-    def best(fn):  # best of --repeats runs after one untimed call, the same for both sides
-        out = fn()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times), out
-
     spectrum = gradflow.lyapunov_spectrum
-    ours, res = best(lambda: spectrum(trace, key, warmup=args.warmup, k=args.k))
-    ours1, _ = best(lambda: spectrum(trace, key, warmup=args.warmup, k=args.k, threads=1))
-    base_t = {}
-    for n in sorted({1, cores}):
+
+    def run_base(n):
         torch.set_num_threads(n)
-        base_t[n], ref = best(lambda: baseline(args, rnn, trace, key))
-    torch.set_num_threads(1)
+        try:
+            return baseline(args, rnn, trace, key)
+        finally:
+            torch.set_num_threads(1)
+
+    variants = {"ours": lambda: spectrum(trace, key, warmup=args.warmup, k=args.k),
+                "ours1": lambda: spectrum(trace, key, warmup=args.warmup, k=args.k, threads=1),
+                **{f"base{n}": (lambda n=n: run_base(n)) for n in sorted({1, cores})}}
+    # Rounds of every variant in turn (the first round untimed), best per variant: the process's
+    # allocator warms up over the first runs, which would otherwise favour whatever runs last.
+    times = {name: [] for name in variants}
+    out = {}
+    for rnd in range(args.repeats + 1):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            out[name] = fn()
+            if rnd:
+                times[name].append(time.perf_counter() - t0)
+    ours, ours1 = min(times["ours"]), min(times["ours1"])
+    res, ref = out["ours"], out[f"base{cores}"]
+    base_t = {n: min(times[f"base{n}"]) for n in sorted({1, cores})}
     base = min(base_t.values())
 
     kk = res.exponents.shape[-1]
