@@ -56,10 +56,11 @@ MODEL_KEYS = {"hidden", "layers", "dropout", "init", "gain", "forget_bias"}
 TRAIN_KEYS = {"steps", "batch", "optimizer", "lr", "momentum", "seed", "device", "clip", "eval_batch",
               "record_every", "record_per_decade", "record_steps", "flush_every"}
 CLIP_KEYS = {"mode", "threshold"}
-ANALYSIS_KEYS = {"warmup", "horizon_fraction", "horizon_reference", "max_rank", "keys", "lyapunov", "products", "batch_limit"}
+ANALYSIS_KEYS = {"warmup", "horizon_fraction", "horizon_reference", "max_rank", "keys", "lyapunov", "products",
+                 "batch_limit"}
 RUN_KEYS = {"label", "cell", "task", "model", "train"} | MODEL_KEYS
-ANALYSIS_DEFAULTS = {"warmup": 0, "horizon_fraction": 1e-3, "horizon_reference": 1, "max_rank": 32, "keys": "all", "lyapunov": True,
-                     "products": True, "batch_limit": 16}
+ANALYSIS_DEFAULTS = {"warmup": 0, "horizon_fraction": 1e-3, "horizon_reference": 1, "max_rank": 32, "keys": "all",
+                     "lyapunov": True, "products": True, "batch_limit": 16}
 
 
 @dataclass(frozen=True)

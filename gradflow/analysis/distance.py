@@ -90,8 +90,9 @@ class DistanceProfile:
 
     fraction: horizon threshold relative to the gradient at distance ``reference`` (default 1, the
     first step through the recurrence; see the module docstring); fit_range: (min, max) distances
-    used for the decay fit (max None = all); source: 'trace' (recorded norms) or 'jacobians' (recomputed in float64
-    log space from a keep='states' trace, finite where float32 underflowed); direct: for
+    used for the decay fit (max None = all); source: 'trace' (recorded norms) or 'jacobians'
+    (recomputed in float64 log space from a keep='states' trace, finite where float32 underflowed);
+    direct: for
     source='jacobians', 'last' (loss on the last step) or 'derived'."""
 
     fraction: float = 1e-3

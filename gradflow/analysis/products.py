@@ -40,7 +40,8 @@ _RANGE = 300.0  # ln of the largest magnitude allowed inside one block product
 _DENSE_ELEMS = 1 << 21  # entries of dense Jacobians formed at once by the Lyapunov sweep
 # The batch is split into parallel groups only while each group's step still costs about this many
 # flops (a step of the whole batch costs ~B·k·S²): below it, per-op Python time holding the GIL
-# outweighs the parallel arithmetic (measured: a tanh RNN with S=32, B=16 ran no faster on 2 threads; an LSTM with S=64 ran 1.8x).
+# outweighs the parallel arithmetic (measured: a tanh RNN with S=32, B=16 ran no faster on 2
+# threads; an LSTM with S=64 ran 1.8x faster).
 _THREAD_FLOPS = 1 << 21
 
 

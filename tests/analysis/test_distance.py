@@ -78,7 +78,8 @@ def test_silent_sequences_and_leading_zeros_are_not_underflow():
     assert dec.n_silent == 1 and dec.n_sequences == 2
     assert dec.underflow and dec.underflow_distance == 4
     assert dec.decay_rate == pytest.approx(-0.5)
-    assert (t["n"] == 3).all() and t.loc[1, "frac_zero"] == pytest.approx(1 / 3) and t.loc[0, "frac_zero"] == pytest.approx(2 / 3)
+    assert (t["n"] == 3).all()
+    assert t.loc[1, "frac_zero"] == pytest.approx(1 / 3) and t.loc[0, "frac_zero"] == pytest.approx(2 / 3)
     assert t.loc[2, "q05"] == pytest.approx(-1.0)  # the silent sequence is left out
     only_leading = distance_profile(lg[:, 1:2], "x", direction=1).decay.iloc[0]
     assert not only_leading.underflow and only_leading.n_silent == 0
