@@ -93,16 +93,18 @@ def main():
 
     spectrum = gradflow.lyapunov_spectrum
 
-    def run_base(n):
+    def with_threads(n, fn):  # torch's intra-op thread count for one call
         torch.set_num_threads(n)
         try:
-            return baseline(args, rnn, trace, key)
+            return fn()
         finally:
             torch.set_num_threads(1)
 
-    variants = {"ours": lambda: spectrum(trace, key, warmup=args.warmup, k=args.k),
-                "ours1": lambda: spectrum(trace, key, warmup=args.warmup, k=args.k, threads=1),
-                **{f"base{n}": (lambda n=n: run_base(n)) for n in sorted({1, cores})}}
+    variants = {  # gradflow's default reads torch's thread count, which is the core count by default
+        "ours": lambda: with_threads(cores, lambda: spectrum(trace, key, warmup=args.warmup, k=args.k)),
+        "ours1": lambda: spectrum(trace, key, warmup=args.warmup, k=args.k, threads=1),
+        **{f"base{n}": (lambda n=n: with_threads(n, lambda: baseline(args, rnn, trace, key)))
+           for n in sorted({1, cores})}}
     # Rounds of every variant in turn (the first round untimed), best per variant: the process's
     # allocator warms up over the first runs, which would otherwise favour whatever runs last.
     times = {name: [] for name in variants}
