@@ -100,7 +100,8 @@ def forward(cell: CellInfo, params, x, prev, dtype=None):
         if cell.kind == "rnn_tanh":
             out = torch.tanh(a)
             return {"a": a, "h": out, "d": torch.addcmul(torch.ones_like(out), out, out, value=-1)}
-        return {"a": a, "h": torch.relu(a), "d": (a > 0).to(dtype)}
+        d = (a > 0).to(dtype)
+        return {"a": a, "h": torch.relu(a), "d": torch.where(torch.isnan(a), a, d)}  # NaN stays NaN, not "dead"
     if cell.kind == "lstm":
         c_prev = prev[1].to(dtype)
         a = gi.add_(gh)  # [.., 4H] pre-activations, gates i f g o

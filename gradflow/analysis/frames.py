@@ -125,7 +125,8 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
                           f"mean fraction of σ>1 {np.nanmean(ss['frac_gt1']):.2f}")
         if ly is not None and len(ly):
             top = float(ly.sort_values("rank")["exponent"].iloc[0])
-            detail.append(f"top Lyapunov exponent {top:+.3g}/step")
+            detail.append(f"top Lyapunov exponent {top:+.3g}/step" if not math.isnan(top)
+                          else "no Lyapunov exponent (non-finite states or Jacobians)")
         if dec is not None and len(dec):
             r = dec.iloc[0]
             if math.isfinite(r.decay_rate):
@@ -170,8 +171,9 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
                 verdict = f"vanishing: products contract at {lam:+.3g}/step although σ_max reaches {smax:.3g}"
         if verdict is None and ly is not None and len(ly):
             lam = float(ly.sort_values("rank")["exponent"].iloc[0])
-            verdict = (f"exploding: top Lyapunov exponent {lam:+.3g}/step" if lam > 0
-                       else f"vanishing: top Lyapunov exponent {lam:+.3g}/step")
+            if not math.isnan(lam):
+                verdict = (f"exploding: top Lyapunov exponent {lam:+.3g}/step" if lam > 0
+                           else f"vanishing: top Lyapunov exponent {lam:+.3g}/step")
         if nf is not None and len(nf):
             first = nf.iloc[0]
             where = ", ".join(f"{c}={first[c]}" for c in ("t", "b", "step") if c in nf.columns)

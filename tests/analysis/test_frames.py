@@ -93,6 +93,13 @@ def test_detail_names_the_reference_and_silent_sequences():
     assert grows["verdict"].iloc[0].startswith("exploding") and "horizon measured" not in grows["detail"].iloc[0]
 
 
+def test_nan_lyapunov_exponent_is_described_not_printed():
+    ly = pd.DataFrame({"key": ["k"], "rank": [1], "exponent": [math.nan], "stderr": [math.nan]})
+    out = verdicts(None, lyapunov=ly)
+    assert "nan" not in out["detail"].iloc[0].lower() and "non-finite" in out["detail"].iloc[0]
+    assert out["verdict"].iloc[0] == "no evidence"
+
+
 def test_nonfinite_verdict_wins():
     nf = pd.DataFrame({"key": ["k"], "t": [3], "b": [1], "distance": [5], "log10_norm": [np.nan]})
     out = verdicts(_decay(), nonfinite=nf)

@@ -58,6 +58,20 @@ def test_relu_saturated_units_have_zero_rows():
     assert (J[dead] == 0).all()
 
 
+def test_relu_nan_state_gives_nan_rows_not_dead_units():
+    """A NaN pre-activation (a diverged run's state) is no evidence of a dead unit: its Jacobian row
+    is NaN, so spectra and Lyapunov exponents come out NaN (located) instead of exactly singular."""
+    cell = h.info("rnn_relu", 3, 4)
+    g = torch.Generator().manual_seed(0)
+    params = {n: torch.randn(*shape, generator=g, dtype=h.DT) for n, shape in
+              [("weight_ih", (4, 3)), ("weight_hh", (4, 4)), ("bias_ih", (4,)), ("bias_hh", (4,))]}
+    x = torch.randn(3, 2, 3, generator=g, dtype=h.DT)
+    prev = torch.randn(3, 2, 4, generator=g, dtype=h.DT)
+    prev[1, 0, 2] = float("nan")
+    J = cell_jacobians(cell, params, x, (prev,))
+    assert torch.isnan(J[1, 0]).all() and torch.isfinite(J[[0, 2]]).all() and torch.isfinite(J[1, 1]).all()
+
+
 def _custom_step(W, U, V):
     """A two-state custom cell: h' = tanh(W h + U x) + 0.5 c·h, c' = sigmoid(V c) * h'."""
 
