@@ -227,7 +227,7 @@ def _eval_classes(spec_run, trace) -> np.ndarray | None:
     meta = trace.meta
     try:
         task, _, cfg = build_run(spec_run)
-        batch = task.sample(int(meta.get("eval_batch", cfg.eval_batch)), np.random.default_rng([cfg.seed, 1]))
+        batch = task.sample_eval(int(meta.get("eval_batch", cfg.eval_batch)), np.random.default_rng([cfg.seed, 1]))
     except GradflowError:
         return None
     return batch.classes

@@ -504,7 +504,7 @@ def _final_pass(task, model, cfg: TrainConfig, device, label: str, step: int):
     """One recorded pass with keep='states' on the fixed evaluation batch; no update."""
     import gradflow
 
-    batch = task.sample(cfg.eval_batch, np.random.default_rng([cfg.seed, 1])).to(device)
+    batch = task.sample_eval(cfg.eval_batch, np.random.default_rng([cfg.seed, 1])).to(device)
     model.eval()
     model.zero_grad(set_to_none=True)
     with gradflow.record(model, keep="states") as rec:

@@ -135,6 +135,12 @@ class Task(ABC):
     def sample(self, batch: int, seed: int | np.random.Generator | None = None) -> Batch:
         """A batch of ``batch`` sequences; deterministic for an int seed."""
 
+    def sample_eval(self, batch: int, seed: int | np.random.Generator | None = None) -> Batch:
+        """The evaluation batch. A generated task draws fresh sequences (``sample`` with another
+        seed); a task over one fixed recording (text, series) draws its windows from the held-out
+        part only, so the evaluation is out of sample."""
+        return self.sample(batch, seed)
+
     # --------------------------------------------------------------- shared behaviour
     def solved(self, metric: float) -> bool:
         if not math.isfinite(metric):

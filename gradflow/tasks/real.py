@@ -95,6 +95,8 @@ class CharLM(Task):
     (nats); metric: bits per character. Memoryless baseline: the unigram distribution of the text,
     whose cross-entropy is its entropy (in bits: ``chance``). Solved (gradflow's convention):
     bits/char <= half the unigram entropy. Token classes: 0 letter, 1 digit, 2 whitespace, 3 other.
+    ``holdout``: the last share of the text (default 0.2) is held out: training windows come from
+    the rest, the evaluation batch (``sample_eval``) from it alone; 0 evaluates in sample.
     (Karpathy, Johnson & Fei-Fei 2015 study LSTM gates on character-level models of source code.)
     """
 
@@ -108,6 +110,7 @@ class CharLM(Task):
     T: int = 100
     path: str | None = None
     max_chars: int = 1_000_000
+    holdout: float = 0.2
 
     def __post_init__(self):
         _positive_int(self.name, "T", self.T, 1)
@@ -117,6 +120,7 @@ class CharLM(Task):
             raise TaskError(
                 f"char_lm: the text of {self._source_name()} has {n} characters, fewer than T+1 = {self.T + 1}"
             )
+        _check_holdout(self.name, self.holdout, n, self.T)
 
     def _source_name(self) -> str:
         return "the standard library" if self.path is None else str(self.path)
@@ -182,14 +186,44 @@ class CharLM(Task):
         with torch.no_grad():
             return float(self.loss(out.double(), y)) / math.log(2)
 
-    def sample(self, batch: int, seed=None) -> Batch:
+    def sample(self, batch: int, seed=None, split: str = "train") -> Batch:
         g = rng(seed)
         B = _positive_int(self.name, "batch", batch)
         ids = self._data().ids
-        start = g.integers(0, len(ids) - self.T, size=B)
+        start = _window_starts(len(ids), self.T, self.holdout, split, g, B)
         idx = start[None, :] + np.arange(self.T + 1)[:, None]
         w = ids[idx]
         return tokens_batch(w[:-1], w[1:], self.token_classes(w[:-1]))
+
+    def sample_eval(self, batch: int, seed=None) -> Batch:
+        return self.sample(batch, seed, split="eval")
+
+
+def _check_holdout(task: str, holdout, n: int, T: int) -> None:
+    """A chronological split of n steps: training windows in the first part, evaluation windows in
+    the last ``holdout`` share; each part must hold one window of T+1 steps."""
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise TaskError(f"{task}: holdout must be a number in [0, 1) (the held-out share), got {holdout!r}")
+    cut = _cut(n, holdout)
+    if holdout and (cut < T + 1 or n - cut < T + 1):
+        raise TaskError(f"{task}: holdout={holdout} splits {n} steps into {cut} for training and {n - cut} held out; "
+                        f"each part needs at least T+1 = {T + 1} (lower T or change holdout)")
+
+
+def _cut(n: int, holdout: float) -> int:
+    """Index of the first held-out step (n when nothing is held out)."""
+    return n - int(round(holdout * n))
+
+
+def _window_starts(n: int, T: int, holdout: float, split: str, g: np.random.Generator, B: int) -> np.ndarray:
+    """Start indices of B windows of T+1 steps: inside [0, cut) for 'train', inside [cut, n) for
+    'eval'; the whole range for both when nothing is held out."""
+    if split not in ("train", "eval"):
+        raise TaskError(f"split={split!r} must be 'train' or 'eval'")
+    cut = _cut(n, holdout)
+    if not holdout:
+        return g.integers(0, n - T, size=B)
+    return g.integers(0, cut - T, size=B) if split == "train" else g.integers(cut, n - T, size=B)
 
 
 # ---------------------------------------------------------------------------------- series
@@ -226,7 +260,9 @@ class Forecast(Task):
     targets the same windows shifted by one step. Baseline: the better of the two memoryless
     predictors over every one-step pair of the series — the constant (the mean of the targets) and
     persistence (predict ``x_{t+1} = x_t``); ``baseline_kind`` says which. Solved (gradflow's
-    convention): MSE <= half the baseline.
+    convention): MSE <= half the baseline. ``holdout`` (a field of each series task, default 0.2):
+    the last share of the series is held out; training windows come from the rest, the evaluation
+    batch (``sample_eval``) from it alone; 0 evaluates in sample.
     """
 
     input_kind = "real"
@@ -247,6 +283,7 @@ class Forecast(Task):
         n = len(self.series())
         if n < T + 1:
             raise TaskError(f"{self.name}: the series has {n} steps, fewer than T+1 = {T + 1}")
+        _check_holdout(self.name, self.holdout, n, T)  # type: ignore[attr-defined]
 
     @property
     def n_features(self) -> int:
@@ -288,15 +325,18 @@ class Forecast(Task):
         d["n_steps"] = int(len(self.series()))
         return d
 
-    def sample(self, batch: int, seed=None) -> Batch:
+    def sample(self, batch: int, seed=None, split: str = "train") -> Batch:
         g = rng(seed)
         B = _positive_int(self.name, "batch", batch)
         s = self.series()
-        start = g.integers(0, len(s) - self.T, size=B)  # type: ignore[attr-defined]
+        start = _window_starts(len(s), self.T, self.holdout, split, g, B)  # type: ignore[attr-defined]
         idx = start[None, :] + np.arange(self.T + 1)[:, None]  # type: ignore[attr-defined]
         w = s[idx]  # [T+1, B, F]
         reg = self.regimes()
         return real_batch(w[:-1], w[1:], None if reg is None else reg[idx[:-1]])
+
+    def sample_eval(self, batch: int, seed=None) -> Batch:
+        return self.sample(batch, seed, split="eval")
 
 
 def _zscore(a: np.ndarray) -> np.ndarray:
@@ -322,6 +362,7 @@ class Stocks(Forecast):
     T: int = 48
     symbols: tuple[str, ...] = ("^GSPC",)
     transform: str = "log_return"
+    holdout: float = 0.2
 
     def __post_init__(self):
         if isinstance(self.symbols, str):
@@ -374,6 +415,7 @@ class EEG(Forecast):
     source = "matplotlib sample data eeg.dat (example mri_with_eeg)"
 
     T: int = 50
+    holdout: float = 0.2
 
     def __post_init__(self):
         self._post()
@@ -398,6 +440,7 @@ class Membrane(Forecast):
     source = "matplotlib sample data membrane.dat"
 
     T: int = 100
+    holdout: float = 0.2
 
     def __post_init__(self):
         self._post()

@@ -108,3 +108,81 @@ def test_stock_regimes_mark_the_bear_markets():
     assert by_month["2002-09"] == 1 and by_month["2009-02"] == 1  # dot-com and 2008 troughs
     assert by_month["1995-06"] == 0 and by_month["2017-06"] == 0
     assert str(task.prices().index[0]) == "1990-01" and str(task.prices().index[-1]) == "2022-06"
+
+
+# ------------------------------------------------------------------------- held-out evaluation
+def _ab_text(tmp_path, n=500):
+    """'a' for the first 80% of the characters, 'b' for the last 20%: the split is visible in the data."""
+    p = tmp_path / "ab.txt"
+    p.write_text("a" * (n - n // 5) + "b" * (n // 5))
+    return str(p)
+
+
+@pytest.mark.parametrize("holdout,cut", [(0.2, 96), (0.5, 60)])
+def test_window_starts_split_the_series(holdout, cut):
+    """n = 120 steps, windows of T+1 = 11: training windows [s, s+10] end before the cut, held-out
+    ones start at or after it; the last possible start is n - T - 1 = 109."""
+    from gradflow.tasks.real import _window_starts
+
+    g = np.random.default_rng(0)
+    tr = _window_starts(120, 10, holdout, "train", g, 5000)
+    ev = _window_starts(120, 10, holdout, "eval", g, 5000)
+    assert tr.min() == 0 and tr.max() == cut - 11
+    assert ev.min() == cut and ev.max() == 109
+    both = _window_starts(120, 10, 0, "eval", g, 5000)  # holdout 0: everything, as before
+    assert both.min() == 0 and both.max() == 109
+
+
+def test_char_lm_trains_and_evaluates_on_disjoint_text(tmp_path):
+    task = get_task("char_lm", T=20, path=_ab_text(tmp_path))
+    a, b = task.encode("a")[0], task.encode("b")[0]
+    train = task.sample(256, seed=0)
+    assert (train.x.numpy() == a).all() and (train.y.numpy() == a).all()  # never reaches the held-out b's
+    ev = task.sample_eval(256, seed=0)
+    assert (ev.x.numpy() == b).all() and (ev.y.numpy() == b).all()
+    from gradflow.errors import TaskError
+
+    with pytest.raises(TaskError, match="split='test' must be 'train' or 'eval'"):
+        task.sample(4, seed=0, split="test")
+    same = get_task("char_lm", T=20, path=_ab_text(tmp_path), holdout=0)
+    assert (same.sample(256, seed=0).y.numpy() == b).any()  # in sample: windows reach the end
+
+
+@pytest.mark.parametrize("name", ["stocks", "eeg", "membrane"])
+def test_forecast_eval_windows_come_from_the_held_out_part(name):
+    task = get_task(name, T=12)
+    s = task.series()
+    cut = len(s) - int(round(0.2 * len(s)))
+    ev, tr = task.sample_eval(64, seed=1), task.sample(64, seed=1)
+    for batch, lo, hi in ((ev, cut, len(s)), (tr, 0, cut)):
+        part = s[lo:hi]
+        for b in range(4):  # every window is a contiguous piece of its part of the series
+            w = batch.x[:, b].double().numpy()
+            hits = [i for i in range(len(part) - 12) if np.allclose(part[i:i + 12], w, atol=1e-6)]
+            assert hits, (name, lo)
+
+
+@pytest.mark.parametrize("opts,words", [
+    (dict(holdout=1.0), "holdout must be a number in [0, 1)"),
+    (dict(holdout=-0.1), "holdout must be a number in [0, 1)"),
+    (dict(holdout="0.2"), "holdout must be a number in [0, 1)"),
+    (dict(T=200), "each part needs at least T+1 = 201"),
+])
+def test_bad_holdout_is_one_clear_line(opts, words):
+    from gradflow.errors import TaskError
+
+    with pytest.raises(TaskError) as ei:
+        get_task("eeg", **opts)
+    assert words in str(ei.value) and "\n" not in str(ei.value) and "eeg" in str(ei.value)
+
+
+def test_final_pass_evaluates_on_held_out_text(tmp_path):
+    from gradflow.training import Schedule, train_task
+
+    torch.set_num_threads(1)
+    r = train_task("char_lm", "gru", task_options={"T": 16, "path": _ab_text(tmp_path)},
+                   model_options={"hidden": 8}, steps=2, batch=4, eval_batch=8, schedule=Schedule(steps=(100,)),
+                   progress=False)
+    key = r.trace.keys(state="h")[0]
+    x = r.trace.inputs(key)  # one-hot characters seen by the recurrent layer
+    assert (x.argmax(-1) == r.task.encode("b")[0]).all()
