@@ -258,7 +258,8 @@ class Forecast(Task):
 
     Inputs ``[T, B, F]`` are windows of the series (each channel z-scored over the whole series),
     targets the same windows shifted by one step. Baseline: the better of the two memoryless
-    predictors over every one-step pair of the series — the constant (the mean of the targets) and
+    predictors over every one-step pair of the evaluated (held-out) part — the constant (the mean of
+    its targets) and
     persistence (predict ``x_{t+1} = x_t``); ``baseline_kind`` says which. Solved (gradflow's
     convention): MSE <= half the baseline. ``holdout`` (a field of each series task, default 0.2):
     the last share of the series is held out; training windows come from the rest, the evaluation
@@ -294,7 +295,10 @@ class Forecast(Task):
         return self.n_features
 
     def _baselines(self) -> dict[str, float]:
+        """Memoryless predictors over every one-step pair of the evaluated part: the held-out tail
+        (the whole series with holdout 0), the data the evaluation metric is measured on."""
         s = self.series()
+        s = s[_cut(len(s), self.holdout) if self.holdout else 0:]  # type: ignore[attr-defined]
         y = s[1:]
         return {
             "constant": float(((y - y.mean(axis=0)) ** 2).mean()),

@@ -110,17 +110,20 @@ def test_char_lm_unigram_baseline_stdlib():
     ("eeg", dict(T=30), "persistence"),
     ("membrane", dict(T=60), "persistence"),
 ])
-def test_forecast_memoryless_baseline(name, opts, kind):
-    task = get_task(name, **opts)
+@pytest.mark.parametrize("holdout", [0.2, 0])
+def test_forecast_memoryless_baseline(name, opts, kind, holdout):
+    """The baseline is measured on the part the evaluation batch comes from: the held-out tail."""
+    task = get_task(name, **opts, holdout=holdout)
     assert task.baseline_kind == kind
-    b = task.sample(3000, seed=0)
+    s = task.series()
+    s = s[len(s) - int(round(holdout * len(s))) if holdout else 0:]
+    b = task.sample_eval(3000, seed=0)
     if kind == "persistence":
         pred = b.x
     else:
-        pred = torch.full_like(b.y, float(task.series()[1:].mean()))
-    # windows weight the series' ends less than its middle: agreement within 15%
+        pred = torch.full_like(b.y, float(s[1:].mean()))
+    # windows weight the part's ends less than its middle: agreement within 15%
     assert task.metric(pred, b.y) == pytest.approx(task.chance_metric, rel=0.15)
-    # exact over every one-step pair of the series
-    s = task.series()
+    # exact over every one-step pair of that part
     exact = ((s[1:] - (s[:-1] if kind == "persistence" else s[1:].mean(axis=0))) ** 2).mean()
     assert task.chance_loss == pytest.approx(exact, rel=1e-12)
