@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import gradflow
+from _rounds import best_of_rounds, timed
 
 FUSED = {"rnn_tanh": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 CELLS = {"rnn_tanh": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
@@ -86,22 +87,13 @@ def main():
     trace = trace_of(rnn, readout, x, y)
     key = trace.keys(state="h")[0]
 
-    def timed(fn):
-        t0 = time.perf_counter()
-        out = fn()
-        return out, time.perf_counter() - t0
-
-    # rounds of every variant in turn, the first untimed, best time per variant: a fixed order would
-    # favour whichever runs after the process's allocator has warmed up
-    times = {"ours32": [], "ours": [], "ref": []}
-    for rnd in range(args.repeats + 1):
-        G32, t32 = timed(lambda: gradflow.gradient_matrix(trace, key))  # default: float32 like the model
-        G, t64 = timed(lambda: gradflow.gradient_matrix(trace, key, dtype=torch.float64))
-        G_ref, tref = baseline(args, rnn, readout, x, y)  # times its backward passes only
-        if rnd:
-            for name, v in (("ours32", t32), ("ours", t64), ("ref", tref)):
-                times[name].append(v)
-    ours32, ours, ref = (min(times[n]) for n in ("ours32", "ours", "ref"))
+    best, out = best_of_rounds({
+        "ours32": timed(lambda: gradflow.gradient_matrix(trace, key)),  # default: float32 like the model
+        "ours": timed(lambda: gradflow.gradient_matrix(trace, key, dtype=torch.float64)),
+        "ref": lambda: baseline(args, rnn, readout, x, y),  # times its backward passes only
+    }, args.repeats)
+    ours32, ours, ref = best["ours32"], best["ours"], best["ref"]
+    G32, G, G_ref = out["ours32"], out["ours"], out["ref"]
 
     # float32 norms lose precision once squared components go subnormal (G below ~1e-18): compare above
     ok = torch.isfinite(G_ref) & (G_ref > 1e-15)

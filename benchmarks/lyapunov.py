@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
 import gradflow
+from _rounds import best_of_rounds, timed
 
 FUSED = {"rnn_tanh": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
@@ -105,19 +105,10 @@ def main():
         "ours1": lambda: spectrum(trace, key, warmup=args.warmup, k=args.k, threads=1),
         **{f"base{n}": (lambda n=n: with_threads(n, lambda: baseline(args, rnn, trace, key)))
            for n in sorted({1, cores})}}
-    # Rounds of every variant in turn (the first round untimed), best per variant: the process's
-    # allocator warms up over the first runs, which would otherwise favour whatever runs last.
-    times = {name: [] for name in variants}
-    out = {}
-    for rnd in range(args.repeats + 1):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            out[name] = fn()
-            if rnd:
-                times[name].append(time.perf_counter() - t0)
-    ours, ours1 = min(times["ours"]), min(times["ours1"])
+    best, out = best_of_rounds({name: timed(fn) for name, fn in variants.items()}, args.repeats)
+    ours, ours1 = best["ours"], best["ours1"]
     res, ref = out["ours"], out[f"base{cores}"]
-    base_t = {n: min(times[f"base{n}"]) for n in sorted({1, cores})}
+    base_t = {n: best[f"base{n}"] for n in sorted({1, cores})}
     base = min(base_t.values())
 
     kk = res.exponents.shape[-1]
