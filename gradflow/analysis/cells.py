@@ -114,7 +114,7 @@ def forward(cell: CellInfo, params, x, prev, dtype=None):
         k4 = torch.empty_like(a)  # σ'(a) = σ(1 - σ) for i, f, o; tanh' = 1 - g² for g
         torch.addcmul(act, act, act, value=-1, out=k4)
         k_i, k_f, k_g, k_o = k4.split(H, -1)
-        k_g.copy_(torch.addcmul(torch.ones_like(g), g, g, value=-1))
+        k_g.add_(1).sub_(g)  # g - g² + 1 - g = 1 - g², in place
         k_i.mul_(g)
         k_f.mul_(c_prev)
         k_g.mul_(i)
