@@ -1,11 +1,12 @@
 """The ``gradflow`` command group. Each command lives in its own module and imports heavy libraries
-(torch, matplotlib) only when it runs."""
+(torch, pandas, matplotlib) only when it runs: ``--help``, ``COMMAND --help`` and ``list`` never
+import them (tests/cli/test_lazy.py)."""
 
 from __future__ import annotations
 
 import click
 
-from .. import __version__
+from .._version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -16,8 +17,8 @@ def cli():
     \b
     Examples:
       gradflow demo                                # tanh RNN vs LSTM vs GRU (+ clipping), HTML + PDF
-      gradflow list                                # tasks, cells and analyses
-      gradflow run analyses/checksum.toml          # one study into runs/checksum/
+      gradflow list                                # tasks, cells and the shipped analyses
+      gradflow run checksum                        # one shipped study into runs/checksum/
       gradflow report runs/checksum --html r.html --pdf r.pdf
       gradflow inspect mypkg.models:make_model --shape 50,16,8
     """

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from .. import __version__
+from .._version import __version__
 from ._style import savefig_bytes
 from .load import RunSet
 from .sections import Omitted, Section, run_rows

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
-from .. import __version__
+from .._version import __version__
 from ._style import line_width_pt, styled
 from .html import flagged_lines
 from .load import RunSet
