@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ._common import one_line_errors, quiet_option, say
+from ._specs import with_steps
 
 
 @click.command("demo")
@@ -42,9 +43,7 @@ def command(runs_dir: Path, out: Path, steps: int | None, threads: int | None, q
     text = resources.files("gradflow.specs").joinpath("demo.toml").read_text(encoding="utf-8")
     doc = tomllib.loads(text)
     if steps is not None:  # every run's training steps, and a recording schedule that fits them
-        for table in [doc["train"]] + [r.setdefault("train", {}) for r in doc["runs"]]:
-            table["steps"] = steps
-            table["record_every"] = max(1, steps // 3)
+        doc = with_steps(doc, steps)
     spec = parse_spec(doc, source="gradflow/specs/demo.toml", default_name="demo")
     torch.set_num_threads(threads)
     echo = say(quiet)

@@ -1,42 +1,50 @@
-"""``gradflow list``: tasks, cells and analyses."""
+"""``gradflow list``: tasks, cells and the shipped analyses (reads :mod:`gradflow.catalog` only, so
+it never imports torch)."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import click
 
 from ._common import one_line_errors
 
+CLAIM_WIDTH = 100
+
+
+def _line(name: str, text: str, width: int = 18) -> str:
+    text = text if len(text) <= CLAIM_WIDTH else text[:CLAIM_WIDTH - 1].rstrip() + "…"
+    return f"  {name:{width}s} {text}"
+
 
 @click.command("list")
-@click.option("--analyses-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("analyses"),
-              show_default=True, help="Where to look for analysis specs.")
+@click.option("--analyses-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="List the specs in this directory (and its sweeps/) instead of the shipped ones.")
 @one_line_errors
-def command(analyses_dir: Path):
-    """List the built-in tasks, the cells of the model zoo and the analysis specs.
+def command(analyses_dir: Path | None):
+    """List the built-in tasks, the cells of the model zoo, and the analyses and sweeps that ship
+    with gradflow (run one by name).
 
     \b
-    Example:
-      gradflow list --analyses-dir analyses
+    Examples:
+      gradflow list
+      gradflow run checksum                        # a listed analysis, by name
+      gradflow list --analyses-dir my_specs        # the specs in another directory
     """
-    from ..models import list_cells
-    from ..tasks import TASKS
+    from ..catalog import CELLS, TASKS, analyses_dir as shipped_dir, shipped_specs, spec_claim
 
+    root = analyses_dir if analyses_dir is not None else shipped_dir()
     click.echo("tasks:")
-    for name, cls in TASKS.items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        click.echo(f"  {name:16s} {doc}")
+    for name, doc in TASKS.items():
+        click.echo(_line(name, doc))
     click.echo("cells:")
-    click.echo("  " + ", ".join(list_cells()))
-    click.echo(f"analyses ({analyses_dir}):")
-    specs = sorted(analyses_dir.glob("*.toml")) if analyses_dir.is_dir() else []
-    if not specs:
-        click.echo("  (none found)")
-    for p in specs:
-        try:
-            claim = tomllib.loads(p.read_text(encoding="utf-8")).get("claim", "")
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-            claim = "(unreadable spec)"
-        click.echo(f"  {p.name:28s} {' '.join(str(claim).split())[:100]}")
+    for name, doc in CELLS.items():
+        click.echo(_line(name, doc))
+    for kind, title, cmd in (("study", "analyses", "gradflow run NAME"), ("sweep", "sweeps", "gradflow sweep NAME")):
+        d = root / "sweeps" if kind == "sweep" else root
+        specs = shipped_specs(kind, root)
+        click.echo(f"{title} ({d}; {cmd}, or --copy NAME to edit a copy):")
+        if not specs:
+            click.echo("  (none found)")
+        for name, p in specs.items():
+            click.echo(_line(name, spec_claim(p)))

@@ -1,4 +1,4 @@
-"""``gradflow sweep SPEC.toml``: expand a sweep spec's axes into runs and run them in parallel."""
+"""``gradflow sweep SPEC``: expand a sweep spec's axes into runs and run them in parallel."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from ._common import one_line_errors, quiet_option, say
 
 
 @click.command("sweep")
-@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("spec")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Sweep directory to write (default: runs/<spec name>).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -21,18 +21,22 @@ from ._common import one_line_errors, quiet_option, say
               help="Ray cluster address (default: start a local cluster). The sweep directory must be on a "
                    "file system every node sees.")
 @click.option("--dry-run", is_flag=True, help="Validate and list the runs, run nothing.")
+@click.option("--copy", "copy_only", is_flag=True,
+              help="Only copy the spec into the current directory, for editing; run nothing.")
 @click.option("--report/--no-report", default=False, show_default=True,
               help="Also write reports/<name>/index.html and report.pdf comparing every run.")
 @quiet_option
 @one_line_errors
-def command(spec: Path, out: Path | None, engine: str, workers: int | None, address: str | None, dry_run: bool,
-            report: bool, quiet: bool):
-    """Run every combination of the axes in the [sweep] table of SPEC (a TOML file, see
-    analyses/sweeps/) into a sweep directory, and write its comparison table sweep.csv.
+def command(spec: str, out: Path | None, engine: str, workers: int | None, address: str | None, dry_run: bool,
+            copy_only: bool, report: bool, quiet: bool):
+    """Run every combination of the axes in the [sweep] table of SPEC (a TOML file, or the name of
+    a shipped sweep in analyses/sweeps/) into a sweep directory, and write its comparison table
+    sweep.csv.
 
     \b
     Examples:
-      gradflow sweep analyses/sweeps/gain_cells.toml --workers 2
+      gradflow sweep gain_cells --workers 2        # a shipped sweep, by name
+      gradflow sweep --copy gain_cells             # writes ./gain_cells.toml to edit
       gradflow sweep analyses/sweeps/length.toml --engine ray
       gradflow report runs/gain_cells            # one report comparing every run
 
@@ -40,12 +44,20 @@ def command(spec: Path, out: Path | None, engine: str, workers: int | None, addr
     only what is missing. A failing run is recorded as failed and the others go on; the command
     then exits non-zero naming the failed runs.
     """
+    from ..catalog import resolve_spec
     from ..errors import GradflowError
+
+    path = resolve_spec(spec, "sweep")
+    if copy_only:
+        from ._specs import copy_spec
+
+        click.echo(str(copy_spec(path)))
+        return
     from ..sweep import load_sweep, run_sweep
 
     if address and engine != "ray":
         raise GradflowError("--address applies to --engine ray")
-    s = load_sweep(spec)
+    s = load_sweep(path)
     out = out or Path("runs") / s.name
     echo = say(quiet)
     if dry_run:

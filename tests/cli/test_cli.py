@@ -69,13 +69,16 @@ def test_help_shows_examples(runner):
         assert "Example" in r.output, cmd
 
 
-def test_list(runner, tmp_path):
-    (tmp_path / "analyses").mkdir()
-    write(tmp_path / "analyses" / "x.toml", 'claim = "Gates keep gradients alive."\n')
-    r = invoke(runner, "list")
+def test_list_analyses_dir(runner, tmp_path):
+    (tmp_path / "mine" / "sweeps").mkdir(parents=True)
+    write(tmp_path / "mine" / "x.toml", 'claim = "Gates keep gradients alive."\n')
+    write(tmp_path / "mine" / "sweeps" / "y.toml", 'claim = """Horizon\n against gain."""\n')
+    r = invoke(runner, "list", "--analyses-dir", "mine")
     assert r.exit_code == 0
-    for word in ("checksum", "copy_memory", "agreement", "lstm", "gru", "x.toml", "Gates keep gradients alive."):
+    for word in ("checksum", "copy_memory", "agreement", "lstm", "gru", " x ", "Gates keep gradients alive.",
+                 " y ", "Horizon against gain."):
         assert word in r.output
+    assert "gain_cells" not in r.output  # the shipped specs are not listed with --analyses-dir
 
 
 def test_run_writes_study_runs_tables_and_reports(runner, tmp_path):
