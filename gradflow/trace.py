@@ -333,6 +333,13 @@ class Trace:
         ks = ", ".join(str(k) for k in self._keys[:4]) + (", ..." if len(self._keys) > 4 else "")
         return f"Trace(keep={self.keep!r}, keys=[{ks}])"
 
+    def _repr_html_(self) -> str:
+        """Keys, shapes and a small heatmap for Jupyter (drawn by :mod:`gradflow.report.notebook`,
+        imported only here, when a notebook displays a trace)."""
+        from .report.notebook import trace_html
+
+        return trace_html(self)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Write ``trace.json``, ``norms.csv`` and ``arrays.npz`` into directory ``path`` atomically."""

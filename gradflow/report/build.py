@@ -17,7 +17,10 @@ from .load import RunSet, load_runs
 from .pdf import render_pdf
 from .sections import plan
 
-__all__ = ["build_report", "default_title"]
+__all__ = ["build_report", "default_title", "figure", "FIGURES"]
+
+# section ids that draw a figure, in report order (gradflow.report.sections.plan)
+FIGURES = ("sweep", "gradnorms", "distance", "spectra", "products", "gates", "clipping")
 
 
 def default_title(rs: RunSet) -> str:
@@ -68,3 +71,29 @@ def build_report(paths, html: str | os.PathLike | None = None, pdf: str | os.Pat
 def _check_target(path: Path) -> None:
     if path.exists() and path.is_dir():
         raise GradflowError(f"{path}: is a directory; give a file name for the report")
+
+
+def figure(name: str, dirs):
+    """The figure the report draws for section ``name`` (one of :data:`FIGURES`), from run, study or
+    sweep directories ``dirs`` (one path, a list, or a loaded RunSet).
+
+    It is the report's own drawing (the same section plan and figure function), so it matches the
+    HTML and PDF: a ``matplotlib.figure.Figure`` on the Agg canvas (pyplot untouched); a notebook
+    shows it inline. A section without data raises a one-line GradflowError saying why it is left out.
+    """
+    if name not in FIGURES:
+        raise GradflowError(f"unknown figure {name!r}; figures: {', '.join(FIGURES)}")
+    rs = dirs if isinstance(dirs, RunSet) else load_runs(dirs)
+    sections, omitted = plan(rs)
+    for s in sections:
+        if s.id == name:
+            if s.draw is None:
+                why = " ".join(s.notes) or "nothing to draw"
+                raise GradflowError(f"figure {name!r}: {why}")
+            from .notebook import displayable
+
+            return displayable(s.draw())
+    for o in omitted:
+        if o.id == name:
+            raise GradflowError(f"figure {name!r}: {o.note}")
+    raise GradflowError(f"figure {name!r}: no loaded directory is a sweep (no sweep.csv)")

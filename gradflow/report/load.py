@@ -122,6 +122,23 @@ class RunSet:
     def labels(self) -> tuple[str, ...]:
         return tuple(r.label for r in self.runs)
 
+    def verdicts(self):
+        """The verdicts (summary.csv rows) as a :class:`~gradflow.report.VerdictTable`."""
+        from .notebook import verdicts
+
+        return verdicts(self)
+
+    def figure(self, name: str):
+        """The report's figure ``name`` for these runs (see :func:`gradflow.report.figure`)."""
+        from .build import figure
+
+        return figure(name, self)
+
+    def _repr_html_(self) -> str:
+        from .notebook import runset_html
+
+        return runset_html(self)
+
 
 def load_runs(paths: Iterable[str | os.PathLike]) -> RunSet:
     """Load run and/or study directories (``run.json`` / ``study.json``) into a :class:`RunSet`.
