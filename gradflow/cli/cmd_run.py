@@ -26,7 +26,7 @@ from ._common import one_line_errors, quiet_option, say
 def command(spec: str, out: Path | None, report: bool, steps: int | None, copy_only: bool, threads: int | None,
             quiet: bool):
     """Run the analysis SPEC into a study directory. SPEC is a TOML file or the name of a shipped
-    analysis (``gradflow list`` shows them).
+    analysis (gradflow list shows them).
 
     \b
     Examples:

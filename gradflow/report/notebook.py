@@ -40,11 +40,11 @@ def esc(x) -> str:
 def _table(columns, rows, cell_styles=None, limit: int = MAX_ROWS) -> str:
     """An HTML table of escaped text; ``cell_styles[i][j]``: extra CSS of cell (i, j) (or None)."""
     rows = list(rows)
-    head = "".join(f'<th style="text-align:left">{esc(c)}</th>' for c in columns)
+    head = "".join(f'<th style="text-align:left;padding:1px 8px">{esc(c)}</th>' for c in columns)
     body = []
     for i, r in enumerate(rows[:limit]):
         st = cell_styles[i] if cell_styles else [""] * len(r)
-        body.append("<tr>" + "".join(f'<td style="text-align:left;{st[j] or ""}">{esc(v)}</td>'
+        body.append("<tr>" + "".join(f'<td style="text-align:left;padding:1px 8px;{st[j] or ""}">{esc(v)}</td>'
                                      for j, v in enumerate(r)) + "</tr>")
     more = (f'<tr><td colspan="{len(columns)}">… {len(rows) - limit} more rows</td></tr>'
             if len(rows) > limit else "")
