@@ -1,9 +1,10 @@
 """What ships with gradflow, by name, without importing torch: tasks, cells and analysis specs.
 
 ``gradflow list`` and ``gradflow run NAME`` read this module only, so they start in a fraction of
-a second. :data:`TASKS` and :data:`CELLS` mirror the real registries (``gradflow.tasks.TASKS`` and
-``gradflow.models.CELLS``, which import torch); ``tests/cli/test_catalog.py`` checks that the names,
-their order and the descriptions agree, so the two cannot drift apart.
+a second. :data:`TASKS` mirrors the task registry (``gradflow.tasks.TASKS``, which imports torch);
+``tests/cli/test_catalog.py`` checks that the names, their order and the descriptions agree, so the
+two cannot drift apart. :data:`CELLS` is read from the cell-kind registry's zoo
+(:mod:`gradflow.kinds`, whose declarations do not import torch).
 
 The analysis specs live in the top-level ``analyses/`` directory of the source tree (one TOML file
 per study, sweep specs in ``analyses/sweeps/``). A wheel or sdist ships that same directory as
@@ -17,6 +18,7 @@ import difflib
 import tomllib
 from pathlib import Path
 
+from . import kinds
 from .errors import SpecError
 
 __all__ = ["TASKS", "CELLS", "analyses_dir", "shipped_specs", "resolve_spec", "spec_claim"]
@@ -38,15 +40,8 @@ TASKS: dict[str, str] = {
     "membrane": "A membrane-potential recording, 12000 float32 samples (matplotlib's membrane.dat), z-scored",
 }
 
-# name -> CellKind.description (gradflow.models.CELLS, same order)
-CELLS: dict[str, str] = {
-    "rnn_tanh": "Elman RNN, tanh",
-    "rnn_relu": "Elman RNN, ReLU",
-    "irnn": "ReLU RNN with identity recurrent init and zero biases (Le et al. 2015)",
-    "lstm": "LSTM, gates i, f, g, o",
-    "gru": "GRU, gates r, z, n",
-    "mgu": "Minimal Gated Unit (Zhou et al. 2016), custom cell in a Python loop",
-}
+# name -> description of the model zoo's cells (gradflow.kinds.zoo(), same order)
+CELLS: dict[str, str] = {name: cell.description for name, cell in kinds.zoo().items()}
 
 KINDS = ("study", "sweep")
 

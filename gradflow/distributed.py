@@ -57,40 +57,32 @@ def strip_module_prefix(trace: Trace, prefix: str = PREFIX) -> Trace:
     """A copy of ``trace`` whose module paths lose ``prefix`` (``"module.lstm"`` -> ``"lstm"``,
     ``"module"`` -> ``""``, the root), as a model recorded without its DDP wrapper would name them."""
     out = Trace(keep=trace.keep, meta=dict(trace.meta))
-
-    def unit(u):
-        return (_strip(u[0], prefix),) + tuple(u[1:])
-
-    def key(k: StateKey):
-        return StateKey(_strip(k.module, prefix), k.layer, k.direction, k.state, k.call)
-
-    out._keys = [key(k) for k in trace._keys]
-    for src, dst, f in ((trace._norm, out._norm, key), (trace._grad, out._grad, key), (trace._state, out._state, key),
-                        (trace._prev, out._prev, key), (trace._mask, out._mask, unit),
-                        (trace._inputs, out._inputs, unit), (trace._cells, out._cells, unit),
-                        (trace._params, out._params, unit), (trace._modules, out._modules, unit),
-                        (trace._steps, out._steps, unit)):
-        for k, v in src.items():
-            dst[f(k)] = v
+    for u in trace.units():
+        out.add_unit((_strip(u[0], prefix),) + tuple(u[1:]), **trace.unit_record(u))
+    for k in trace.keys():
+        out.add_state(StateKey(_strip(k.module, prefix), k.layer, k.direction, k.state, k.call), **trace.state_record(k))
     return out
 
 
 def _header(trace: Trace) -> dict:
     units = trace.units()
     keys = trace.keys()
+    states = {k: trace.state_record(k) for k in keys}
+    inputs = {u: trace.unit_record(u)["inputs"] for u in units}
     dt = {}
-    for name, d in (("grad", trace._grad), ("state", trace._state), ("inputs", trace._inputs)):
-        v = next(iter(d.values()), None)
+    for name, values in (("grad", [s["grad"] for s in states.values()]), ("state", [s["state"] for s in states.values()]),
+                         ("inputs", list(inputs.values()))):
+        v = next((v for v in values if v is not None), None)
         if v is not None:
             dt[name] = str(v.dtype).replace("torch.", "")
     return {
         "keep": trace.keep,
         "keys": [str(k) for k in keys],
         "units": [list(u) for u in units],
-        "T": [int(trace._norm[k].shape[0]) for k in keys],
-        "B": int(trace._norm[keys[0]].shape[1]) if keys else 0,
-        "widths": {str(k): int(trace._grad[k].shape[-1]) for k in keys if k in trace._grad},
-        "inputs": {str(i): int(trace._inputs[u].shape[-1]) for i, u in enumerate(units) if u in trace._inputs},
+        "T": [int(states[k]["norm"].shape[0]) for k in keys],
+        "B": int(states[keys[0]]["norm"].shape[1]) if keys else 0,
+        "widths": {str(k): int(s["grad"].shape[-1]) for k, s in states.items() if s["grad"] is not None},
+        "inputs": {str(i): int(inputs[u].shape[-1]) for i, u in enumerate(units) if inputs[u] is not None},
         "dtypes": dt,
     }
 
@@ -201,30 +193,18 @@ def gather_trace(trace: Trace, dst: int = 0, group=None, *, strip_prefix: str | 
         unit_T.setdefault(k.unit, Tk[k])
     for u in units:
         Ts = unit_T[u]
-        mask = gather(trace._mask[u], Ts, False)
-        inputs = gather(trace._inputs[u], Ts, nan) if u in trace._inputs else None
+        rec = trace.unit_record(u)
+        mask = gather(rec["mask"], Ts, False)
+        inputs = gather(rec["inputs"], Ts, nan) if rec["inputs"] is not None else None
         if me_dst:
-            out._mask[u] = _cat_time_padded(mask, False)
-            if inputs is not None:
-                out._inputs[u] = _cat_time_padded(inputs, nan)
-            out._cells[u] = trace._cells[u]
-            if u in trace._params:
-                out._params[u] = trace._params[u]
-            if u in trace._modules:
-                out._modules[u] = trace._modules[u]
-            if u in trace._steps:
-                out._steps[u] = trace._steps[u]
+            rec["mask"] = _cat_time_padded(mask, False)
+            rec["inputs"] = _cat_time_padded(inputs, nan) if inputs is not None else None
+            out.add_unit(u, **rec)
     for k in keys:
-        parts = {"norm": gather(trace._norm[k], Tk[k], nan)}
-        for name, d in (("grad", trace._grad), ("state", trace._state), ("prev", trace._prev)):
-            if k in d:
-                parts[name] = gather(d[k], Tk[k], nan)
+        rec = trace.state_record(k)
+        parts = {name: gather(v, Tk[k], nan) for name, v in rec.items() if v is not None}
         if me_dst:
-            out._keys.append(k)
-            out._norm[k] = _cat_time_padded(parts["norm"], nan)
-            for name, d in (("grad", out._grad), ("state", out._state), ("prev", out._prev)):
-                if name in parts:
-                    d[k] = _cat_time_padded(parts[name], nan)
+            out.add_state(k, **{name: _cat_time_padded(v, nan) for name, v in parts.items()})
     if not me_dst:
         return None
     return strip_module_prefix(out, strip_prefix) if strip_prefix else out

@@ -47,12 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import kinds
 from .errors import SpecError
 
 __all__ = ["StudySpec", "RunSpec", "load_spec", "parse_spec"]
 
 TOP_KEYS = {"name", "title", "claim", "task", "model", "train", "analysis", "runs"}
-MODEL_KEYS = {"hidden", "layers", "dropout", "init", "gain", "forget_bias"}
+# generic model keys, and every cell kind's own options (an LSTM's forget_bias, an LRU's r_min ...)
+MODEL_KEYS = {"hidden", "layers", "dropout", "init", "gain", *kinds.model_options()}
 TRAIN_KEYS = {"steps", "batch", "optimizer", "lr", "momentum", "seed", "device", "clip", "eval_batch",
               "record_every", "record_per_decade", "record_steps", "flush_every"}
 CLIP_KEYS = {"mode", "threshold"}

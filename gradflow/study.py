@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from . import _io
+from . import _io, kinds
 from .errors import GradflowError
 from .spec import StudySpec, build_run
 
@@ -192,7 +192,7 @@ def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = N
             if opts.get("lyapunov", True) and T - warmup >= 2:
                 lyap = A.lyapunov_table(A.lyapunov_spectrum(small, k, warmup=warmup), k)
                 tabs["lyapunov"] = lyap
-            if trace.cell(k).kind in ("lstm", "gru"):
+            if kinds.get(trace.cell(k).kind).gates:
                 tabs["gates"] = A.gate_statistics(trace, k, classes=classes)
         if len(trace.cell(k).states) == 1 or per_step:
             tabs["summary"] = A.verdicts(prof.decay, summ, lyap, prof.nonfinite, prof.table)

@@ -147,10 +147,16 @@ class Trace:
         self._modules: dict[tuple, torch.nn.Module] = {}  # live modules of custom cells (not saved)
         self._steps: dict[tuple, Any] = {}  # live step functions of custom cells (not saved)
 
-    # ------------------------------------------------------------------ building (used by recording)
-    def _add_unit(
-        self, unit: tuple, cell: CellInfo, mask: torch.Tensor, *, inputs=None, params=None, module=None, step=None
-    ):
+    # ------------------------------------------------------------------ building (the public builder)
+    def add_unit(self, unit: tuple, cell: CellInfo, mask: torch.Tensor, *, inputs=None, params=None, module=None,
+                 step=None) -> None:
+        """Describe unit ``unit`` = (module path, layer, direction, call): its :class:`CellInfo`, its
+        [T, B] ``mask``, and with keep='states' its inputs [T, B, F] and parameters (stored as detached
+        CPU copies); ``module``/``step``: the live module and step function of a user cell (kept in
+        memory only). Call before :meth:`add_state` for the unit's keys."""
+        if not isinstance(cell, CellInfo):
+            raise TraceError(f"add_unit{tuple(unit)}: cell must be a CellInfo, got {type(cell).__name__}")
+        unit = tuple(unit)
         self._cells[unit] = cell
         self._mask[unit] = mask.detach().to("cpu", torch.bool)
         if inputs is not None:
@@ -162,13 +168,25 @@ class Trace:
         if step is not None:
             self._steps[unit] = step
 
-    def _add_state(self, key: StateKey, grad: torch.Tensor, *, state=None, prev=None):
-        """``grad`` [T, B, H] (any device/dtype, NaN where masked). Norms are taken in float64."""
-        grad = grad.detach()
-        norm = _norms(grad).cpu()
+    def add_state(self, key: StateKey, grad: torch.Tensor | None = None, *, norm: torch.Tensor | None = None,
+                  state=None, prev=None) -> None:
+        """Add (or replace) key ``key``: its gradient ``grad`` [T, B, S] (any device/dtype, NaN where
+        masked; norms are taken in float64 unless ``norm`` [T, B] is given), or only ``norm`` for a
+        keep='norms' trace; with keep='states' also the states ``state`` and ``prev`` [T, B, S]."""
+        key = _as_key(key)
+        if key.unit not in self._cells:
+            raise TraceError(f"add_state({key}): add its unit {key.unit} with add_unit first")
+        if grad is None and norm is None:
+            raise TraceError(f"add_state({key}): needs grad or norm")
+        if grad is not None:
+            grad = grad.detach()
+        if norm is None:
+            norm = _norms(grad)
+        if grad is None and self.keep != "norms":
+            raise TraceError(f"add_state({key}): a keep={self.keep!r} trace needs the gradient, not only its norm")
         if key not in self._norm:
             self._keys.append(key)
-        self._norm[key] = norm
+        self._norm[key] = norm.detach().cpu()
         if self.keep in ("full", "states"):
             self._grad[key] = grad.cpu()
         if self.keep == "states":
@@ -176,6 +194,26 @@ class Trace:
                 raise TraceError(f"{key}: keep='states' needs state values")
             self._state[key] = state.detach().cpu()
             self._prev[key] = prev.detach().cpu()
+
+    def order_keys(self, sort_key) -> None:
+        """Reorder the keys in place by ``sort_key(StateKey)`` (as ``list.sort``)."""
+        self._keys.sort(key=sort_key)
+
+    def unit_record(self, unit: tuple) -> dict:
+        """Everything :meth:`add_unit` stored for ``unit``, as its keyword arguments (cell, mask,
+        inputs, params, module, step; None where absent): ``add_unit(u, **t.unit_record(u))`` copies it."""
+        unit = tuple(unit)
+        if unit not in self._cells:
+            raise TraceError(f"no unit {unit} in this trace (units: {self.units()[:4]})")
+        return {"cell": self._cells[unit], "mask": self._mask[unit], "inputs": self._inputs.get(unit),
+                "params": self._params.get(unit), "module": self._modules.get(unit), "step": self._steps.get(unit)}
+
+    def state_record(self, key) -> dict:
+        """Everything :meth:`add_state` stored for ``key`` (grad, norm, state, prev; None where not
+        kept): ``add_state(k, **t.state_record(k))`` copies it."""
+        k = self._check(key)
+        return {"grad": self._grad.get(k), "norm": self._norm[k], "state": self._state.get(k),
+                "prev": self._prev.get(k)}
 
     # ------------------------------------------------------------------ reading
     def keys(self, module: str | None = None, state: str | None = None) -> list[StateKey]:

@@ -15,6 +15,8 @@ from torch import nn
 
 
 def module_kind(m) -> str:
+    if getattr(m, "kind_name", ""):  # gradflow's own layers (minGRU, minLSTM, IndRNN, LRU)
+        return m.kind_name
     if isinstance(m, (nn.LSTM, nn.LSTMCell)):
         return "lstm"
     if isinstance(m, (nn.GRU, nn.GRUCell)):
@@ -22,9 +24,48 @@ def module_kind(m) -> str:
     return "rnn_relu" if m.nonlinearity == "relu" else "rnn_tanh"
 
 
+def lru_lambda(p):
+    """The LRU's complex λ = exp(−exp(ν) + i·exp(θ)) [N]."""
+    return torch.exp(torch.complex(-torch.exp(p["nu_log"]), torch.exp(p["theta_log"])))
+
+
+def new_step(kind, x, state, p):
+    """One step of the unit-wise kinds from the papers' formulas. x [F] (or [B, F]), state (h,)."""
+    h = state[0]
+    if kind == "lru":  # complex arithmetic on h = s[:N] + i s[N:]
+        N = p["nu_log"].shape[0]
+        hc = torch.complex(h[..., :N], h[..., N:])
+        bx = torch.complex(x @ p["B_re"].T, x @ p["B_im"].T)
+        new = lru_lambda(p) * hc + torch.exp(p["gamma_log"]) * bx
+        return (torch.cat([new.real, new.imag], -1),)
+    a = x @ p["weight_ih"].T + p.get("bias_ih", 0.0)
+    H = h.shape[-1]
+    if kind == "mingru":
+        z = torch.sigmoid(a[..., :H])
+        return ((1 - z) * h + z * a[..., H:],)
+    if kind == "minlstm":
+        f, i = torch.sigmoid(a[..., :H]), torch.sigmoid(a[..., H:2 * H])
+        return (f / (f + i) * h + i / (f + i) * a[..., 2 * H:],)
+    assert kind == "indrnn", kind
+    return (torch.relu(a + p["weight_hh"] * h),)
+
+
+def cell_output(kind, x, state, p, activation="gelu"):
+    """What a layer passes on from its new state: the state h, except for the LRU's
+    GELU(Re(C h) + D x)."""
+    if kind != "lru":
+        return state[0]
+    N = p["nu_log"].shape[0]
+    h = torch.complex(state[0][..., :N], state[0][..., N:])
+    y = (torch.complex(p["C_re"], p["C_im"]) @ h[..., None])[..., 0].real + (p["D"] @ x[..., None])[..., 0]
+    return F.gelu(y) if activation == "gelu" else y
+
+
 def cell_step(kind, x, state, p):
     """One step from explicit formulas. x [F], state tuple of [S]; returns (h_out, new_state_pre)
     where for LSTM new_state = (h, c) with h computed from c."""
+    if kind in ("mingru", "minlstm", "indrnn", "lru"):
+        return new_step(kind, x, state, p)
     w_ih, w_hh = p["weight_ih"], p["weight_hh"]
     b_ih = p.get("bias_ih", torch.zeros(w_ih.shape[0], dtype=x.dtype))
     b_hh = p.get("bias_hh", torch.zeros(w_hh.shape[0], dtype=x.dtype))
@@ -53,7 +94,8 @@ def cell_step(kind, x, state, p):
 
 def fused_params(m, layer, d):
     sfx = f"_l{layer}" + ("_reverse" if d else "")
-    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"]
+    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "nu_log", "theta_log", "gamma_log",
+             "B_re", "B_im", "C_re", "C_im", "D"]
     return {n: getattr(m, n + sfx) for n in names if hasattr(m, n + sfx)}
 
 
@@ -87,7 +129,7 @@ def reference_fused(m, x, lengths, h0, c0, w_out, w_h, w_c):
                     for name, q in zip(("h", "c"), pr):
                         probes[(layer, d, name, t)] = q
                     state = tuple(s + q for s, q in zip(new, pr))
-                    seq[t] = state[0]
+                    seq[t] = cell_output(kind, inp[t], state, p, getattr(m, "activation", None))
                 outs.append(seq)
                 total = total + (w_h[i, b] * state[0]).sum()
                 if kind == "lstm":

@@ -17,19 +17,18 @@ from contextlib import contextmanager
 
 import torch
 
+from .. import kinds
 from ..errors import GradflowError, TraceError
 from ..trace import CellInfo, StateKey, Trace, _as_key
 
-KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru", "custom")
-
 
 def state_layout(cell: CellInfo) -> list[tuple[str, int, int]]:
-    """[(state name, start, stop)] of each state inside the joint state vector."""
+    """[(state name, start, stop)] of each state inside the joint state vector (sizes from
+    ``cell.state_sizes``, else the kind's defaults for the cell's hidden and projection sizes)."""
     sizes = dict(cell.state_sizes)
-    if cell.kind == "lstm":
-        p = cell.proj_size or cell.hidden_size
-        sizes.setdefault("h", p)
-        sizes.setdefault("c", cell.hidden_size)
+    kind = kinds.get(cell.kind)
+    if kind.states:
+        sizes = {**kind.impl.state_sizes(cell.hidden_size, cell.proj_size), **sizes}
     else:
         sizes.setdefault("h", cell.hidden_size)
     out, start = [], 0

@@ -12,12 +12,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import kinds
 from ..errors import GradflowError
 from ..tables import TABLES
 from ..trace import Trace
 from . import _util
 from .distance import distance_profile
-from .jacobian import jacobians
+from .jacobian import linearize_trace
 from .products import LyapunovResult, lyapunov_spectrum, product_spectrum
 from .spectra import singular_values, step_summary
 
@@ -64,12 +65,23 @@ def spectra_summary_table(summary: dict, key, *, mask=None) -> pd.DataFrame:
 
 
 def spectra_tables(trace: Trace, key, *, radius: bool = True, max_rank: int | None = None):
-    """(spectra, spectra_summary) DataFrames of the per-step joint Jacobians of ``key``'s unit."""
+    """(spectra, spectra_summary) DataFrames of the per-step joint Jacobians of ``key``'s unit. A kind
+    with a diagonal Jacobian structure gives its singular values (and eigenvalue moduli) unit by unit,
+    without forming J_t."""
     k = _util.resolve(trace, key)
-    J = jacobians(trace, k)
-    sv = singular_values(J, on_nonfinite="nan")
     mask = trace.mask(k)
-    summ = step_summary(J, radius=radius, sigma=sv, on_nonfinite="nan")
+    lin = linearize_trace(trace, k)
+    if lin.structure != "dense":
+        sv = lin.moduli().sort(-1, descending=True).values
+        sv[torch.isnan(sv).any(-1)] = float("nan")  # a non-finite Jacobian: located, as on the dense route
+        summ = {"sigma_max": sv[..., 0], "sigma_min": sv[..., -1], "frac_gt1": (sv > 1).to(sv.dtype).mean(-1)}
+        summ["frac_gt1"][torch.isnan(sv[..., 0])] = float("nan")
+        if radius:
+            summ["spectral_radius"] = sv[..., 0]  # the eigenvalues of diag(d) are d; of a λ-block λ, λ̄
+    else:
+        J = lin.dense()
+        sv = singular_values(J, on_nonfinite="nan")
+        summ = step_summary(J, radius=radius, sigma=sv, on_nonfinite="nan")
     return spectra_table(sv, k, max_rank=max_rank, mask=mask), spectra_summary_table(summ, k, mask=mask)
 
 
@@ -187,7 +199,7 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
 def analyze(trace: Trace, key, *, warmup: int = 0, max_rank: int | None = None, distances=None,
             classes=None, radius: bool = True, **profile) -> dict[str, pd.DataFrame]:
     """Every table for one key: distance, decay, spectra, spectra_summary, products, lyapunov, gates
-    (LSTM/GRU only), summary — keyed by table name, without the ``run`` column."""
+    (kinds with gates only), summary — keyed by table name, without the ``run`` column."""
     from .gates import gate_statistics
 
     k = _util.resolve(trace, key)
@@ -198,7 +210,7 @@ def analyze(trace: Trace, key, *, warmup: int = 0, max_rank: int | None = None, 
     out["products"] = products_table(ls, k, distances)
     lyap = lyapunov_table(lyapunov_spectrum(trace, k, warmup=warmup), k)
     out["lyapunov"] = lyap
-    if trace.cell(k).kind in ("lstm", "gru"):
+    if kinds.get(trace.cell(k).kind).gates:
         out["gates"] = gate_statistics(trace, k, classes=classes)
     out["summary"] = verdicts(prof.decay, summ, lyap, prof.nonfinite, prof.table)
     return out

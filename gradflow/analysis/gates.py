@@ -1,7 +1,8 @@
-"""Gate activation statistics per timestep (LSTM i, f, g, o; GRU r, z, n), optionally per token class.
+"""Gate activation statistics per timestep (the gates of the unit's cell kind: LSTM i, f, g, o; GRU
+r, z, n; minGRU z; minLSTM f′, i′), optionally per token class.
 
 Values are recomputed from a keep='states' trace (inputs, previous states and parameters) with the
-closed-form cell of :mod:`gradflow.analysis.cells`. For each gate, timestep t (position order) and
+closed-form cell of the unit's kind (:mod:`gradflow.kinds`). For each gate, timestep t (position order) and
 token class, the statistics pool every valid batch item of that class and every hidden unit.
 """
 
@@ -11,10 +12,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import kinds
 from ..errors import GradflowError
 from ..trace import Trace
 from . import _util
-from .cells import GATE_NAMES, gate_values
+from .cells import gate_values
 
 __all__ = ["gate_statistics"]
 
@@ -37,12 +39,13 @@ def gate_statistics(trace: Trace, key, *, classes=None, gates=None) -> pd.DataFr
 
     classes: optional [T, B] array of token classes (ints or strings), position order; rows are then
     given for every class present and for ``"all"``. gates: subset of gate names (default all of the
-    cell: LSTM i, f, g, o; GRU r, z, n). Tanh/ReLU RNNs have no gates: GradflowError."""
+    kind's gates). Kinds without gates (tanh/ReLU RNN, IndRNN, LRU, user cells): GradflowError."""
     k = _util.resolve(trace, key)
     cell, params, x, prev, mask = _util.unit_data(trace, k)
-    names = GATE_NAMES.get(cell.kind, ())
+    names = kinds.get(cell.kind).gate_names
     if not names:
-        raise GradflowError(f"{k}: a {cell.kind} cell has no gates (gate statistics need an lstm or gru unit)")
+        gated = ", ".join(c.name for c in kinds.kinds() if c.gates)
+        raise GradflowError(f"{k}: a {cell.kind} cell has no gates (gate statistics need a unit of kind {gated})")
     gates = list(names if gates is None else gates)
     unknown = [g for g in gates if g not in names]
     if unknown:

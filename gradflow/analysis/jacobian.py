@@ -23,8 +23,8 @@ def cell_jacobians(cell: CellInfo, params: Mapping[str, torch.Tensor] | None, x:
                    mask: torch.Tensor | None = None, step: Callable | None = None, dtype=None) -> torch.Tensor:
     """Jacobians of every step at once from the cell description, its parameters, the inputs
     x [T, B, F] and the states fed into each step ``prev`` (tuple in ``cell.states`` order, each
-    [T, B, S_i]). Closed form for rnn_tanh / rnn_relu / lstm (bias or not, proj_size) / gru — no loop
-    over time; ``torch.func.jacrev`` of ``step(x_t [B, F], states) -> states`` for custom cells.
+    [T, B, S_i]). The closed form of the cell's kind (``gradflow.kinds``) — no loop over time;
+    ``torch.func.jacrev`` of ``step(x_t [B, F], states) -> states`` for user cells.
     Returns [T, B, S, S] in ``dtype`` (default: the promoted dtype of the inputs)."""
     return linearize(cell, params, x, tuple(prev), mask=mask, step=step, dtype=dtype).dense()
 
@@ -34,8 +34,7 @@ def linearize_trace(trace: Trace, key, *, dtype=None) -> Linearization:
     Needs a trace recorded with ``keep='states'``; custom cells need the live step function."""
     k = _util.resolve(trace, key)
     cell, params, x, prev, mask = _util.unit_data(trace, k)
-    step = trace.step_function(k) if cell.kind not in ("rnn_tanh", "rnn_relu", "lstm", "gru") else None
-    return linearize(cell, params, x, prev, mask=mask, step=step, dtype=dtype)
+    return linearize(cell, params, x, prev, mask=mask, step=trace.step_function(k), dtype=dtype)
 
 
 def jacobians(trace: Trace, key, *, dtype=None) -> torch.Tensor:

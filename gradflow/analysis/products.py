@@ -16,6 +16,11 @@ steps are multiplied before each re-orthonormalisation while the accumulated spr
 spectrum stays below e^18 (about 1e8, so the smallest diagonal keeps ≥ 8 digits) and nothing
 exceeds e^±300 — exact in exact arithmetic since the diagonal of a product of triangles is the
 product of the diagonals.
+
+Diagonal Jacobians (a Linearization whose kind declares the structure ``diagonal`` or
+``complex_diagonal``) need no QR: a product of diagonal maps scales each unit by the product of its
+factors, so ln σ(P_d) are the per-unit sums Σ_k ln|d_k| (ln|λ_k| twice for a complex unit), sorted,
+and the Lyapunov exponents are the per-unit time averages of ln|d_k|: exact, at the cost of a cumsum.
 """
 
 from __future__ import annotations
@@ -52,6 +57,16 @@ def _logabs(x):
 def _qr(Z):
     """Householder QR; diag(R) >= 0 is not needed (only |R_ii| is used)."""
     return torch.linalg.qr(Z)
+
+
+def _structured(op) -> bool:
+    return getattr(op, "structure", "dense") != "dense"
+
+
+def _log_moduli(op, mask) -> torch.Tensor:
+    """[T, B, S] ln of the per-unit factors of a diagonal-structured op (0 at steps masked out)."""
+    lm = torch.log(op.moduli().to(torch.float64))
+    return lm if mask is None else torch.where(mask[..., None], lm, torch.zeros((), dtype=lm.dtype))
 
 
 def _rows(op, R, k, valid):
@@ -151,6 +166,9 @@ def product_singular_values(J, *, distances=None, start: int = 0, mask=None) -> 
     ds = list(range(1, T - start + 1)) if distances is None else [int(d) for d in distances]
     if not ds or ds != sorted(set(ds)) or ds[0] < 1 or ds[-1] > T - start:
         raise GradflowError(f"product_singular_values: distances must be increasing ints in 1..{T - start}, got {ds[:6]}")
+    if _structured(op):  # per-unit products: exact, no QR
+        cs = _log_moduli(op, mask)[start:start + ds[-1]].cumsum(0)
+        return cs[[d - 1 for d in ds]].sort(-1, descending=True).values
     Q = torch.eye(S, dtype=torch.float64).expand(B, S, S).clone()
     ell = torch.zeros(B, S, dtype=torch.float64)
     N = Q.clone()
@@ -222,13 +240,16 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
         sub = op if len(groups) == 1 else op.select_batch(idx)
         return _lyapunov_sweep(sub, Q[idx], valid[:, idx], counted[:, idx], warmup, edges)
 
-    with _util.intra_op_threads(1):
-        if len(groups) == 1:
-            parts = [sweep(groups[0])]
-        else:
-            with ThreadPoolExecutor(len(groups)) as ex:
-                parts = list(ex.map(sweep, groups))
-    blk_sum, blk_n = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    if _structured(op):
+        blk_sum, blk_n = _structured_blocks(op, counted, edges, k)
+    else:
+        with _util.intra_op_threads(1):
+            if len(groups) == 1:
+                parts = [sweep(groups[0])]
+            else:
+                with ThreadPoolExecutor(len(groups)) as ex:
+                    parts = list(ex.map(sweep, groups))
+        blk_sum, blk_n = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
     total, n_tot = blk_sum.sum(0), blk_n.sum(0)
     ex = total / n_tot.clamp_min(1)[:, None]
     order = ex.argsort(-1, descending=True)
@@ -246,6 +267,18 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
     return LyapunovResult(ex.gather(-1, order), stderr, drift, running, n_tot, warmup)
 
 
+def _structured_blocks(op, counted, edges: list[int], k: int):
+    """Per-block sums of ln|d_k| [nblk, B, k] and counts [nblk, B] of a diagonal-structured op, for the
+    k units with the largest averages (the exponents a k-column QR frame converges to)."""
+    lm = _log_moduli(op, counted)
+    blk_sum = torch.stack([lm[a:b].sum(0) for a, b in zip(edges[:-1], edges[1:])])
+    blk_n = torch.stack([counted[a:b].sum(0).to(torch.float64) for a, b in zip(edges[:-1], edges[1:])])
+    if k < lm.shape[-1]:
+        top = (blk_sum.sum(0) / blk_n.sum(0).clamp_min(1)[:, None]).argsort(-1, descending=True)[:, :k]
+        blk_sum = blk_sum.gather(-1, top.expand(len(blk_sum), *top.shape))
+    return blk_sum, blk_n
+
+
 def _lyapunov_sweep(op, Q, valid, counted, warmup: int, edges: list[int]):
     """QR propagation of the frames Q [B, S, k] through all steps of ``op``; returns the per-block sums
     of ln|R_ii| [nblk, B, k] and valid-step counts [nblk, B] of the statistics blocks ``edges``."""
@@ -255,10 +288,10 @@ def _lyapunov_sweep(op, Q, valid, counted, warmup: int, edges: list[int]):
     full = valid.all(1).tolist()
     blk_sum = torch.zeros(nblk, B, k, dtype=torch.float64)
     blk_n = torch.zeros(nblk, B, dtype=torch.float64)
-    # A GRU's J v costs a GEMM with all three gate blocks of W_hh (3H columns); once the frame has
-    # more than S/3 columns, forming each J_t (vectorised over steps) and one batched J Q is cheaper.
+    # The kind decides when forming each J_t (vectorised over steps) and one batched J Q is cheaper
+    # than products J v (a GRU's J v costs a GEMM with all three gate blocks of W_hh).
     S = op.shape[2]
-    dense = (getattr(op, "step", True) is None and op.cell.kind == "gru" and 3 * k > S)
+    dense = bool(getattr(op, "dense_sweep", lambda k: False)(k))
     chunk = max(1, _DENSE_ELEMS // max(1, B * S * S))  # steps of dense Jacobians held at once
     span = 1
     t = 0

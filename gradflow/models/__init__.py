@@ -7,18 +7,17 @@ Unknown cell names raise a one-line :class:`~gradflow.errors.TaskError` naming t
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 
-from ..errors import TaskError
+from .. import kinds
+from ..errors import GradflowError, TaskError
 from .custom import CellLoop, MGUCell
-from .zoo import CELLS, INITS, CellKind, SequenceModel, count_parameters, expected_param_count
+from .zoo import CELLS, INITS, SequenceModel, ZooCell, count_parameters, expected_param_count
 
 __all__ = [
     "CELLS",
     "INITS",
-    "CellKind",
+    "ZooCell",
     "CellLoop",
     "MGUCell",
     "SequenceModel",
@@ -31,15 +30,15 @@ __all__ = [
 
 
 def list_cells() -> list[str]:
-    """Names accepted by :func:`get_model`."""
-    return list(CELLS)
+    """Names accepted by :func:`get_model` (the zoo of :mod:`gradflow.kinds`)."""
+    return list(kinds.zoo())
 
 
 def _check_cell(cell: str) -> None:
-    if cell not in CELLS:
-        m = difflib.get_close_matches(str(cell), list(CELLS), n=1, cutoff=0.4)
-        hint = f"; did you mean {m[0]!r}?" if m else ""
-        raise TaskError(f"unknown cell {cell!r}{hint} (known: {', '.join(CELLS)})")
+    try:
+        kinds.zoo_cell(cell)
+    except GradflowError as e:
+        raise TaskError(str(e)) from None
 
 
 def get_model(
@@ -56,12 +55,14 @@ def get_model(
     gain: float = 1.0,
     forget_bias: float | None = None,
     seed: int | None = None,
+    **options,
 ) -> SequenceModel:
     """A :class:`SequenceModel` with the given cell; ``seed`` makes the initialisation reproducible
-    without touching the global torch RNG."""
+    without touching the global torch RNG. ``options``: the kind's own model options
+    (``CellKind.options``, e.g. an LRU's ``r_min``, ``r_max``)."""
     _check_cell(cell)
     kw = dict(tokens=tokens, readout=readout, hidden=hidden, layers=layers, dropout=dropout, init=init,
-              gain=gain, forget_bias=forget_bias)
+              gain=gain, forget_bias=forget_bias, **options)
     if seed is None:
         return SequenceModel(cell, input_size, output_size, **kw)
     with torch.random.fork_rng(devices=[]):

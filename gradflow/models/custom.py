@@ -10,7 +10,8 @@ candidate state::
 It is an ordinary ``nn.Module`` whose ``forward(x [B, F], h [B, H]) -> h [B, H]`` is one timestep,
 registered with :func:`gradflow.register_cell` so that recording sees every call as a step.
 Parameters: ``x2g`` (W_f; W_h stacked, with the biases) [2H, F], ``h2f`` (U_f) and ``h2h`` (U_h)
-[H, H]: 2H(F + H) + 2H in all.
+[H, H]: 2H(F + H) + 2H in all. :data:`MGU` builds the model zoo's ``CellLoop`` of MGU cells (the
+zoo preset of kind ``custom`` declared in :mod:`gradflow.kinds`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kinds._base import INITS, init_blocks
 from ..recording import register_cell
 
-__all__ = ["MGUCell", "CellLoop"]
+__all__ = ["MGUCell", "CellLoop", "MGU"]
 
 
 @register_cell(states=("h",))
@@ -68,3 +70,39 @@ class CellLoop(nn.Module):
                 inp = h[i]
             outs.append(inp)
         return torch.stack(outs)
+
+
+class CellLoopBuilder:
+    """How the model zoo builds, counts and initialises a :class:`CellLoop` of ``cell_cls`` cells whose
+    recurrent blocks are ``blocks`` (attribute names of H × H ``nn.Linear`` layers)."""
+
+    inits = INITS
+
+    def __init__(self, cell_cls, blocks: tuple[str, ...]):
+        self.cell_cls, self.blocks = cell_cls, blocks
+        self.gate_blocks = len(blocks)
+
+    def build(self, input_size, hidden, layers, dropout, options):
+        return CellLoop(self.cell_cls, input_size, hidden, layers, dropout)
+
+    def recurrent_blocks(self, module):
+        return [getattr(c, b).weight for c in module.cells for b in self.blocks]
+
+    def initialise(self, module, init, gain):
+        init_blocks(self.recurrent_blocks(module), init, gain)
+
+    def zero_biases(self, module):
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+
+    def apply_options(self, module, options):
+        pass
+
+    def param_count(self, F: int, H: int, layers: int) -> int:
+        """Per layer: the parameters of one cell with input F_l (F, then H)."""
+        return sum(sum(p.numel() for p in self.cell_cls(F if i == 0 else H, H).parameters()) for i in range(layers))
+
+
+MGU = CellLoopBuilder(MGUCell, ("h2f", "h2h"))

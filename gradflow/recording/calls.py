@@ -64,6 +64,7 @@ class CellCall:
     module: torch.nn.Module | None = None
     step: Callable | None = None
     handles: list = field(default_factory=list)
+    spec: Any = None  # the CellSpec that read this call
 
 
 def store_hook(recorder, call, slots, index) -> Callable:

@@ -1,6 +1,10 @@
-"""Cells called in a Python loop: nn.RNNCell/LSTMCell/GRUCell and registered user cells.
+"""Cells called in a Python loop: nn.RNNCell/LSTMCell/GRUCell and registered user cells (the ``cell``
+and ``custom`` adapters).
 
-Each forward call is one timestep. A forward hook replaces the state tensors in the cell's output
+Each forward call is one timestep. Both kinds of cell go through one table of :class:`CellSpec`
+(how to read the cell's states and what kind it is): the step modules of the registered cell kinds
+(``nn.RNNCell`` is a step of ``rnn_tanh``/``rnn_relu``, ...) and the classes registered with
+:func:`register_cell`, whose kind is ``custom`` (Jacobians by torch.func from the recorded step). A forward hook replaces the state tensors in the cell's output
 by aliases (``s.view_as(s)``) and registers a tensor hook on each alias: the alias receives exactly
 the gradient flowing back from later uses of the state (the next step, the user's output head), not
 the same-step paths inside the cell (e.g. h_t = o_t·tanh(c_t) in an LSTMCell). That is the total
@@ -16,13 +20,15 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import GradflowError, UnsupportedModuleError
+from .. import kinds
+from ..errors import GradflowError
 from ..trace import CellInfo
+from .adapters import Adapter
 from .calls import CellCall, store_hook
 
 __all__ = ["register_cell", "unregister_cell", "CellSpec"]
 
-BUILTIN_CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+USER_SOURCE = kinds.CUSTOM.name  # CellInfo.source and adapter name of a registered user cell, after its kind
 
 
 def _default_get_states(n: int):
@@ -70,7 +76,8 @@ class CellSpec:
     """How to read a cell's state: ``states`` names them in order; ``get_states(output)`` returns
     the state tensors, ``set_states(output, states)`` rebuilds the output with them,
     ``get_input(args, kwargs)`` returns ``(x, prev_states or None)`` and ``make_args(x, states)``
-    returns ``(args, kwargs)`` to call the cell for one step (used for Jacobians)."""
+    returns ``(args, kwargs)`` to call the cell for one step (used for Jacobians). ``kind`` names the
+    cell kind; ``source`` is ``CellInfo.source``."""
 
     cls: type
     states: tuple[str, ...]
@@ -78,7 +85,27 @@ class CellSpec:
     set_states: Callable[[Any, tuple], Any]
     get_input: Callable[[tuple, dict], tuple]
     make_args: Callable[[torch.Tensor, tuple], tuple]
-    kind: str = "custom"
+    kind: str = kinds.CUSTOM.name
+    source: str = USER_SOURCE
+
+    @property
+    def cell_kind(self) -> "kinds.CellKind":
+        return kinds.get(self.kind)
+
+    def info(self, module: nn.Module, sizes: dict, in_size: int) -> CellInfo:
+        """The CellInfo of one call: from the kind for a kind's step module, from the call's shapes
+        for a user cell."""
+        cls = f"{type(module).__module__}.{type(module).__qualname__}"
+        impl = self.cell_kind.impl
+        if not impl.needs_step:
+            return impl.cell_info(module, source=self.source)
+        return CellInfo(kind=self.kind, input_size=in_size, hidden_size=sizes[self.states[0]], states=self.states,
+                        state_sizes=sizes, bias=False, source=self.source, cell_class=cls)
+
+    def params(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The parameters a closed-form kind needs (None for user cells, linearized from their step)."""
+        impl = self.cell_kind.impl
+        return None if impl.needs_step else impl.cell_params(module)
 
 
 _REGISTRY: dict[type, CellSpec] = {}
@@ -127,44 +154,45 @@ def unregister_cell(cls: type) -> None:
 
 
 def custom_spec(module: nn.Module) -> CellSpec | None:
+    """The spec of a registered user cell (the nearest registered class in the MRO), or None."""
     for klass in type(module).__mro__:
         if klass in _REGISTRY:
             return _REGISTRY[klass]
     return None
 
 
-def _builtin_kind(module) -> str:
-    if isinstance(module, nn.LSTMCell):
-        return "lstm"
-    if isinstance(module, nn.GRUCell):
-        return "gru"
-    return "rnn_relu" if module.nonlinearity == "relu" else "rnn_tanh"
+def builtin_spec(module: nn.Module) -> CellSpec | None:
+    """The spec of a registered kind's step module (``nn.LSTMCell`` ...), or None."""
+    kind = next((k for k in kinds.kinds() if k.impl.claims_cell(module)), None)
+    if kind is None:
+        return None
+    n = len(kind.states)
+    return CellSpec(cls=type(module), states=kind.states, get_states=_default_get_states(n),
+                    set_states=_default_set_states(n), get_input=_default_get_input, make_args=_default_make_args(n),
+                    kind=kind.name, source="cell")
 
 
-def builtin_spec(module) -> CellSpec:
-    lstm = isinstance(module, nn.LSTMCell)
-    n = 2 if lstm else 1
-    return CellSpec(
-        cls=type(module),
-        states=("h", "c") if lstm else ("h",),
-        get_states=_default_get_states(n),
-        set_states=_default_set_states(n),
-        get_input=_default_get_input,
-        make_args=_default_make_args(n),
-        kind=_builtin_kind(module),
-    )
+class CellAdapter(Adapter):
+    """Records a module called once per timestep, found by ``lookup(module) -> CellSpec | None``."""
+
+    def __init__(self, name: str, lookup: Callable):
+        self.name, self.lookup = name, lookup
+
+    def matches(self, module):
+        return self.lookup(module) is not None
+
+    def attach(self, recorder, path, module):
+        spec = self.lookup(module)
+        spec.cell_kind.impl.check_module(path, module)
+        return [module.register_forward_hook(make_forward_hook(recorder, path, module, spec), with_kwargs=True)]
 
 
-def builtin_params(module) -> dict[str, torch.Tensor]:
-    out = {"weight_ih": module.weight_ih, "weight_hh": module.weight_hh}
-    if module.bias:
-        out["bias_ih"] = module.bias_ih
-        out["bias_hh"] = module.bias_hh
-    return out
+USER_CELLS = CellAdapter(USER_SOURCE, custom_spec)
+KIND_CELLS = CellAdapter("cell", builtin_spec)
 
 
 def make_forward_hook(recorder, path: str, module: nn.Module, spec: CellSpec):
-    builtin = spec.kind != "custom"
+    with_step = spec.cell_kind.impl.needs_step
 
     def hook(mod, args, kwargs, output):
         if not recorder._active or not torch.is_grad_enabled():
@@ -185,19 +213,8 @@ def make_forward_hook(recorder, path: str, module: nn.Module, spec: CellSpec):
         sizes = {name: shp[-1] for name, shp in shapes.items()}
         x, prev = spec.get_input(args, kwargs)
         in_size = int(x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() else 0
-        if builtin:
-            info = CellInfo(
-                kind=spec.kind, input_size=mod.input_size, hidden_size=mod.hidden_size, states=spec.states,
-                state_sizes=sizes, bias=bool(mod.bias), source="cell",
-                cell_class=f"{type(mod).__module__}.{type(mod).__qualname__}",
-            )
-        else:
-            info = CellInfo(
-                kind="custom", input_size=in_size, hidden_size=sizes[spec.states[0]], states=spec.states,
-                state_sizes=sizes, bias=False, source="custom",
-                cell_class=f"{type(mod).__module__}.{type(mod).__qualname__}",
-            )
-        call = CellCall(path=path, t=recorder._next_step(path), cell=info, slots={}, shapes=shapes)
+        info = spec.info(mod, sizes, in_size)
+        call = CellCall(path=path, t=recorder._next_step(path), cell=info, slots={}, shapes=shapes, spec=spec)
         if recorder.keep == "states":
             def flat(v):
                 return v.detach().reshape(1, -1) if unbatched else v.detach()
@@ -209,7 +226,7 @@ def make_forward_hook(recorder, path: str, module: nn.Module, spec: CellSpec):
             else:
                 call.prev = {n: flat(p) for n, p in zip(spec.states, prev)}
             call.module = mod
-            if not builtin:
+            if with_step:
                 call.step = _step_function(mod, spec)
         for name, a in zip(spec.states, aliases):
             call.slots[name] = None
@@ -235,7 +252,3 @@ def nearest(name: str, options) -> str:
     m = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {m[0]!r}?)" if m else ""
 
-
-def check_cell_supported(path: str, module: nn.Module) -> None:
-    if isinstance(module, nn.RNNCell) and module.nonlinearity not in ("tanh", "relu"):
-        raise UnsupportedModuleError(f"module '{path}': nonlinearity={module.nonlinearity!r} is not supported")

@@ -1,8 +1,10 @@
 """``record()``: the context manager that owns every hook gradflow registers.
 
-Attaching replaces the ``forward`` of each fused nn.RNN/LSTM/GRU *on the instance* by a
-weight-sharing unroll (``fused.unrolled_forward``) and registers a forward hook on each cell module;
-both are removed in ``finally`` on exit, even when the forward or backward raised. Tensor hooks
+Each recurrent module is attached by the first adapter of the registry that matches it
+(:mod:`gradflow.recording.adapters`): the ``forward`` of a sequence module (nn.RNN/LSTM/GRU and
+gradflow's own layers) is replaced *on the instance* by a weight-sharing unroll, and each cell
+module gets a forward hook. The adapters' handles are removed in ``finally`` on exit, even when the
+forward or backward raised. Tensor hooks
 live on the autograd graph built inside the context; they do nothing once the recorder is closed
 and the handles still pending are removed on exit.
 
@@ -13,19 +15,19 @@ every call the pass reached. A trace covers the forward calls since the previous
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from .. import kinds
 from ..errors import GradflowError, NoRecurrentModuleError, TraceError, UnsupportedModuleError
 from ..trace import StateKey, Trace
-from . import cells as _cells
-from . import fused as _fused
+from . import adapters as _adapters
 from . import kernels as _kernels
 from .calls import CellCall, FusedCall
+from .cells import nearest
 
 KEEPS = ("norms", "full", "states")
 
@@ -35,18 +37,19 @@ def _graph_task_id() -> int:
     return get() if get is not None else 0
 
 
-def find_recurrent(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """Every module gradflow can record: (dotted path, module, adapter) with adapter in
-    ``fused | cell | custom``."""
+def _find(model: nn.Module) -> list[tuple[str, nn.Module, _adapters.Adapter]]:
     found = []
     for path, m in model.named_modules():
-        if isinstance(m, _fused.FUSED_TYPES):
-            found.append((path, m, "fused"))
-        elif _cells.custom_spec(m) is not None:
-            found.append((path, m, "custom"))
-        elif isinstance(m, _cells.BUILTIN_CELLS):
-            found.append((path, m, "cell"))
+        a = _adapters.adapter_for(m)
+        if a is not None:
+            found.append((path, m, a))
     return found
+
+
+def find_recurrent(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Every module gradflow can record: (dotted path, module, adapter name) with the adapter names
+    of :mod:`gradflow.recording.adapters` (``fused | custom | cell``)."""
+    return [(p, m, a.name) for p, m, a in _find(model)]
 
 
 class Recorder:
@@ -68,7 +71,6 @@ class Recorder:
         self._active = False
         self._workspace: _kernels.Workspace | None = None  # buffers reused while the context is open
         self._handles: list = []
-        self._patched: list[nn.Module] = []
         self._reset_pass()
         self._steps: dict[str, int] = defaultdict(int)
         self._calls: dict[str, int] = defaultdict(int)
@@ -77,12 +79,13 @@ class Recorder:
     # ------------------------------------------------------------------ selection
     @staticmethod
     def _select(model, modules):
-        found = find_recurrent(model)
+        found = _find(model)
         if modules is None:
             if not found:
                 raise NoRecurrentModuleError(
                     f"model {type(model).__name__} has no recurrent module gradflow can record "
-                    "(nn.RNN/LSTM/GRU, nn.RNNCell/LSTMCell/GRUCell, or a cell registered with gradflow.register_cell)"
+                    "(nn.RNN/LSTM/GRU, nn.RNNCell/LSTMCell/GRUCell, a gradflow.kinds layer, or a cell registered "
+                    "with gradflow.register_cell)"
                 )
             return found
         by_path = {p: (p, m, a) for p, m, a in found}
@@ -99,7 +102,7 @@ class Recorder:
                         "record; register it with gradflow.register_cell if it is a cell"
                     )
                 else:
-                    raise GradflowError(f"record(modules=...): no module '{sel}' in the model{_cells.nearest(sel, names)}")
+                    raise GradflowError(f"record(modules=...): no module '{sel}' in the model{nearest(sel, names)}")
             elif isinstance(sel, nn.Module):
                 if id(sel) in by_id:
                     out.append(by_id[id(sel)])
@@ -117,24 +120,7 @@ class Recorder:
     def __enter__(self) -> "Recorder":
         try:
             for path, m, adapter in self._targets:
-                if adapter == "fused":
-                    _fused.check_supported(path, m)
-                    if "forward" in m.__dict__:
-                        raise UnsupportedModuleError(
-                            f"module '{path}' already has an instance forward (is it being recorded by another "
-                            "gradflow.record?)"
-                        )
-                    orig = type(m).forward.__get__(m)
-                    m.forward = functools.partial(self._fused_forward, path, m, orig)
-                    self._patched.append(m)
-                else:
-                    if adapter == "cell":
-                        _cells.check_cell_supported(path, m)
-                        spec = _cells.builtin_spec(m)
-                    else:
-                        spec = _cells.custom_spec(m)
-                    h = m.register_forward_hook(_cells.make_forward_hook(self, path, m, spec), with_kwargs=True)
-                    self._handles.append(h)
+                self._handles.extend(adapter.attach(self, path, m))
             self._workspace = _kernels.Workspace()
             self._active = True
         except BaseException:
@@ -148,9 +134,6 @@ class Recorder:
     def _detach(self) -> None:
         self._active = False
         self._workspace = None
-        for m in self._patched:
-            m.__dict__.pop("forward", None)
-        self._patched.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -158,11 +141,6 @@ class Recorder:
             for h in getattr(call, "handles", ()):
                 h.remove()
         self._pending.clear()
-
-    def _fused_forward(self, path, module, orig, input, hx=None):
-        if not self._active or not torch.is_grad_enabled():
-            return orig(input, hx)
-        return _fused.unrolled_forward(self, path, module, input, hx)
 
     # ------------------------------------------------------------------ bookkeeping (hot path)
     def _reset_pass(self) -> None:
@@ -271,7 +249,7 @@ def _assemble(calls: list, keep: str, meta: dict) -> Trace:
     for path, steps in sorted(cell_calls.items()):
         _add_cell_unit(trace, path, sorted(steps, key=lambda c: c.t), keep)
     order = {p: i for i, p in enumerate(dict.fromkeys([c.path for c in fused] + sorted(cell_calls)))}
-    trace._keys.sort(key=lambda k: (order.get(k.module, 0), k.call, k.layer, k.direction, k.state != "h"))
+    trace.order_keys(lambda k: (order.get(k.module, 0), k.call, k.layer, k.direction, k.state != "h"))
     return trace
 
 
@@ -291,8 +269,8 @@ def _add_fused_unit(trace: Trace, rec, keep: str) -> None:
     def reorder(x):
         return x if order is None else x.index_select(1, order.to(x.device))
 
-    trace._add_unit(rec.unit, rec.cell, reorder(mask), inputs=None if rec.inputs is None else reorder(rec.inputs),
-                    params=rec.params if keep == "states" else None)
+    trace.add_unit(rec.unit, rec.cell, reorder(mask), inputs=None if rec.inputs is None else reorder(rec.inputs),
+                   params=rec.params if keep == "states" else None)
     fallback = rec.dtype_device
     for name in rec.cell.states:
         g = rec.grads.get(name)
@@ -304,7 +282,7 @@ def _add_fused_unit(trace: Trace, rec, keep: str) -> None:
         kw = {}
         if keep == "states":
             kw = {"state": reorder(rec.states[name]), "prev": reorder(rec.prev[name])}
-        trace._add_state(key, reorder(g), **kw)
+        trace.add_state(key, reorder(g), **kw)
 
 
 def _add_cell_unit(trace: Trace, path: str, steps: list[CellCall], keep: str) -> None:
@@ -325,11 +303,10 @@ def _add_cell_unit(trace: Trace, path: str, steps: list[CellCall], keep: str) ->
     if states_kept:
         if all(s.inputs is not None for s in steps):
             inputs = torch.stack([s.inputs for s in steps])
-        if first.cell.source == "cell":
-            params = _cells.builtin_params(first.module)
-    custom = first.cell.source == "custom"
-    trace._add_unit(unit, first.cell, torch.ones(T, B, dtype=torch.bool), inputs=inputs, params=params,
-                    module=first.module if custom else None, step=first.step if custom else None)
+        params = first.spec.params(first.module)
+    live = kinds.get(first.cell.kind).impl.needs_step  # a user cell keeps its module and step function
+    trace.add_unit(unit, first.cell, torch.ones(T, B, dtype=torch.bool), inputs=inputs, params=params,
+                   module=first.module if live else None, step=first.step if live else None)
     for name in first.cell.states:
         shape = (B, first.shapes[name][-1])
         slots = [s.slots.get(name) for s in steps]
@@ -339,4 +316,4 @@ def _add_cell_unit(trace: Trace, path: str, steps: list[CellCall], keep: str) ->
         if states_kept:
             kw = {"state": torch.stack([s.states[name] for s in steps]),
                   "prev": torch.stack([s.prev[name] for s in steps])}
-        trace._add_state(StateKey(path, 0, 0, name, 0), g, **kw)
+        trace.add_state(StateKey(path, 0, 0, name, 0), g, **kw)

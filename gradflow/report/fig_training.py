@@ -30,12 +30,14 @@ from ._style import (
 )
 from .fig_jacobians import series_labels
 
-__all__ = ["fig_gates", "fig_clipping", "GATE_NAMES", "clip_rates", "clip_steps"]
+__all__ = ["fig_gates", "fig_clipping", "gate_kind", "clip_rates", "clip_steps"]
 
-GATE_NAMES = {
-    "i": "input gate i", "f": "forget gate f", "g": "candidate g (tanh)", "o": "output gate o",
-    "r": "reset gate r", "z": "update gate z", "n": "candidate n (tanh)",
-}
+
+def gate_kind(gates):
+    """The cell kind whose gates are ``gates`` (a table names gates, not kinds), or None."""
+    from .. import kinds
+
+    return kinds.for_gates(gates)
 
 
 def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
@@ -61,6 +63,7 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
         for i, (run, key) in enumerate(series):
             s = gates[(gates["run"] == run) & (gates["key"] == key)]
             gl = ordered(s["gate"])
+            kind = gate_kind(gl)
             for j in range(ncols):
                 ax = axes[i, j]
                 if j >= len(gl):
@@ -87,7 +90,7 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
                 q = s.loc[s["gate"] == g, "q25"].to_numpy(float)
                 lo = float(np.nanmin(q)) if np.isfinite(q).any() else 0.0
                 ax.set_ylim(-1.05 if lo < -0.02 else -0.02, 1.02)
-                ax.set_title(wrap_title(f"{labels[(run, key)]}: {GATE_NAMES.get(g, 'gate ' + g)}", title_w, 8.5,
+                ax.set_title(wrap_title(f"{labels[(run, key)]}: {kind.gate_label(g) if kind else 'gate ' + g}", title_w, 8.5,
                                         sep=": "), loc="left", fontsize=8.5)
                 ax.set_xlabel("timestep t")
                 if j == 0:

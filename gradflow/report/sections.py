@@ -15,11 +15,12 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from ._style import ordered
 from .fig_gradients import fig_distance
 from .fig_heatmap import fig_gradnorm_heatmap
 from .fig_jacobians import fig_products, fig_spectra
 from .fig_sweep import fig_sweep, numeric_axes, primary_rows, sweep_points
-from .fig_training import clip_rates, fig_clipping, fig_gates
+from .fig_training import clip_rates, fig_clipping, fig_gates, gate_kind
 from .load import RunSet, fmt_number
 from .notes import coverage_notes, flag_notes, lyapunov_notes, zero_median_notes
 
@@ -106,10 +107,8 @@ EXPLAIN = {
     ),
     "gates": (
         "Mean gate activation at each timestep (band: 25–75% over the batch), split by token class when "
-        "the task has classes. In an LSTM a forget gate f near 1 keeps the cell state and lets the "
-        "gradient through unchanged; near 0 it erases (and blocks the gradient). In a GRU an update "
-        "gate z near 1 keeps the previous state. Gates that close on irrelevant tokens and open on "
-        "relevant ones show the cell learnt what to remember."
+        "the task has classes. Gates that close on irrelevant tokens and open on relevant ones show the "
+        "cell learnt what to remember; the notes say how to read each cell's gates."
     ),
     "clipping": (
         "(a) Training loss per step. (b) Global gradient norm before clipping (solid) and after "
@@ -369,6 +368,9 @@ def _gates(rs: RunSet, have) -> Section:
     notes = coverage_notes(rs, have)
     if set(g["token_class"]) == {"all"}:
         notes.append("The task has no token classes: one line per gate.")
+    for kind in dict.fromkeys(gate_kind(ordered(s["gate"])) for _, s in g.groupby(["run", "key"], sort=False)):
+        if kind is not None and kind.gate_note and kind.gate_note not in EXPLAIN["gates"]:
+            notes.append(kind.gate_note)
     return Section(
         "gates", TITLES["gates"], EXPLAIN["gates"], have, tuple(notes),
         draw=lambda target=None: fig_gates(g, target=target),

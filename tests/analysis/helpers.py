@@ -1,7 +1,7 @@
 """Independent float64 references for the analysis tests.
 
 Explicit cell steps written from the PyTorch formulas (not gradflow's code), an explicit unroll that
-builds a keep='states' Trace through Trace._add_unit/_add_state, and the total derivative δ_t from
+builds a keep='states' Trace through Trace.add_unit/add_state (the public builder), and the total derivative δ_t from
 zero *probes* added to every state (for an LSTM, h_t is computed from c_t before c's probe is added,
 so the c probe sees only the gradient through later steps).
 """
@@ -13,13 +13,31 @@ import math
 import torch
 
 from gradflow.trace import CellInfo, StateKey, Trace
+from tests.reference import new_step
 
 DT = torch.float64
 G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+NEW = {"mingru": 2, "minlstm": 3, "indrnn": 1, "lru": 0}  # unit-wise kinds: H-row blocks of weight_ih
+
+
+def _new_params(kind, F, H, g, bias, r):
+    if kind == "lru":  # |λ| in [0.5, 0.99], phases in [0.1, 3]
+        u = lambda: torch.rand(H, generator=g, dtype=DT)  # noqa: E731
+        return {"nu_log": torch.log(-torch.log(0.5 + 0.49 * u())), "theta_log": torch.log(0.1 + 2.9 * u()),
+                "gamma_log": r(H), "B_re": r(H, F), "B_im": r(H, F), "C_re": r(H, H), "C_im": r(H, H), "D": r(H, F)}
+    n = NEW[kind] * H
+    p = {"weight_ih": r(n, F)}
+    if kind == "indrnn":
+        p["weight_hh"] = torch.rand(H, generator=g, dtype=DT) * 2.4 - 1.2
+    if bias:
+        p["bias_ih"] = r(n)
+    return p
 
 
 def make_params(kind, F, H, *, bias=True, proj=0, scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
+    if kind in NEW:
+        return _new_params(kind, F, H, g, bias, lambda *s: (torch.rand(*s, generator=g, dtype=DT) * 2 - 1) * scale)
     P = proj or H
     n = G[kind] * H
     r = lambda *s: (torch.rand(*s, generator=g, dtype=DT) * 2 - 1) * scale / H ** 0.5  # noqa: E731
@@ -33,6 +51,8 @@ def make_params(kind, F, H, *, bias=True, proj=0, scale=1.0, seed=0):
 
 def step(kind, p, x, state):
     """One step on a batch: x [B, F], state tuple of [B, S] -> new state tuple (explicit formulas)."""
+    if kind in NEW:
+        return new_step(kind, x, state, p)
     h = state[0]
     b_ih = p.get("bias_ih", 0.0)
     b_hh = p.get("bias_hh", 0.0)
@@ -65,6 +85,8 @@ def info(kind, F, H, *, bias=True, proj=0, custom_states=None):
     P = proj or H
     if kind == "lstm":
         return CellInfo("lstm", F, H, proj, ("h", "c"), {"h": P, "c": H}, bias)
+    if kind == "lru":  # state [Re h; Im h]
+        return CellInfo(kind, F, H, 0, ("h",), {"h": 2 * H}, False)
     return CellInfo(kind, F, H, 0, ("h",), {"h": H}, bias)
 
 
@@ -127,9 +149,9 @@ def make_trace(kind, *, T=5, B=3, F=4, H=3, bias=True, proj=0, direction=0, leng
     st, pv, gd, mask, _ = unroll(kind, p, x, s0, direction=direction, lengths=lengths, step_fn=fn, loss=loss)
     tr = Trace(keep="states")
     unit = (module, 0, direction, 0)
-    tr._add_unit(unit, cell, mask, inputs=x, params=p or None, step=fn if kind == "custom" else None)
+    tr.add_unit(unit, cell, mask, inputs=x, params=p or None, step=fn if kind == "custom" else None)
     for name, s, pr, gr in zip(cell.states, st, pv, gd):
-        tr._add_state(StateKey(module, 0, direction, name), gr, state=s, prev=pr)
+        tr.add_state(StateKey(module, 0, direction, name), gr, state=s, prev=pr)
     key = StateKey(module, 0, direction, cell.states[0])
     return tr, key, {"p": p, "x": x, "states": st, "prevs": pv, "grads": gd, "mask": mask, "step": fn,
                      "cell": cell, "s0": s0}
@@ -206,7 +228,7 @@ def float32_linear_trace(s=0.01, T=30, H=3, B=2):
     cell = CellInfo("custom", H, H, 0, ("h",), {"h": H}, True, "custom", "Linear")
     tr = Trace(keep="states")
     key = StateKey("lin", 0, 0, "h")
-    tr._add_unit(key.unit, cell, torch.ones(T, B, dtype=torch.bool), inputs=x, step=step)
-    tr._add_state(key, grads, state=torch.stack(hs).detach(), prev=torch.stack(prevs).detach())
+    tr.add_unit(key.unit, cell, torch.ones(T, B, dtype=torch.bool), inputs=x, step=step)
+    tr.add_state(key, grads, state=torch.stack(hs).detach(), prev=torch.stack(prevs).detach())
     exact = (T - 1 - torch.arange(T, dtype=torch.float64))[:, None] * math.log10(s) + w.double().norm(dim=-1).log10()
     return tr, key, exact

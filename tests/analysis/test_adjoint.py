@@ -9,7 +9,8 @@ from gradflow.analysis import (adjoint_log_norms, direct_gradients, gradient_mat
 
 from . import helpers as h
 
-CASES = [("rnn_tanh", {}, 0), ("gru", {}, 1), ("lstm", {"proj": 2}, 0), ("lstm", {}, 1), ("rnn_relu", {}, 0)]
+CASES = [("rnn_tanh", {}, 0), ("gru", {}, 1), ("lstm", {"proj": 2}, 0), ("lstm", {}, 1), ("rnn_relu", {}, 0),
+         ("mingru", {}, 1), ("minlstm", {}, 0), ("indrnn", {}, 0), ("lru", {}, 1)]
 
 
 @pytest.mark.parametrize("kind,opts,direction", CASES, ids=[f"{k}-{o}-d{d}" for k, o, d in CASES])

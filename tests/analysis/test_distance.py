@@ -110,9 +110,11 @@ def test_float32_underflow_is_reported_and_recovered_in_log_space():
 
 def test_nan_gradients_are_located_not_dropped():
     tr, key, _ = orthogonal_linear_trace(0.6, T=10, B=3)
-    tr._norm[key] = tr._norm[key].clone()
-    tr._norm[key][4, 1] = float("nan")
-    tr._norm[key][2, 0] = float("inf")
+    rec = tr.state_record(key)
+    rec["norm"] = rec["norm"].clone()
+    rec["norm"][4, 1] = float("nan")
+    rec["norm"][2, 0] = float("inf")
+    tr.add_state(key, **rec)  # the public builder replaces the key's data
     prof = distance_profile(tr, key)
     nf = prof.nonfinite
     assert sorted(zip(nf["t"], nf["b"])) == [(2, 0), (4, 1)]

@@ -1,4 +1,5 @@
-"""Traces recorded by gradflow.record(keep='states') on real nn.RNN/LSTM/GRU modules."""
+"""Traces recorded by gradflow.record(keep='states') on real nn.RNN/LSTM/GRU modules and gradflow's own
+minGRU, minLSTM, IndRNN and LRU layers."""
 
 import pytest
 import torch
@@ -7,6 +8,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gradflow
 from gradflow.analysis import direct_gradients, jacobians, joint_gradient
+from gradflow.kinds.indrnn import IndRNN
+from gradflow.kinds.lru import LRU
+from gradflow.kinds.mingru import MinGRU
+from gradflow.kinds.minlstm import MinLSTM
+from tests.reference import cell_output, fused_params
 
 from . import helpers as h
 
@@ -16,13 +22,15 @@ MODELS = [
     ("gru", lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True)),
     ("rnn_relu", lambda: nn.RNN(3, 4, nonlinearity="relu")),
     ("rnn_tanh", lambda: nn.RNN(3, 4, bidirectional=True, bias=False)),
+    ("mingru", lambda: MinGRU(3, 4, num_layers=2, bidirectional=True)),
+    ("minlstm", lambda: MinLSTM(3, 4, bias=False)),
+    ("indrnn", lambda: IndRNN(3, 4, num_layers=2)),
+    ("lru", lambda: LRU(3, 4, num_layers=2, bidirectional=True, r_min=0.5, r_max=0.99)),
 ]
 
 
 def module_params(m, layer, direction):
-    sfx = f"_l{layer}" + ("_reverse" if direction else "")
-    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"]
-    return {n: getattr(m, n + sfx).detach() for n in names if hasattr(m, n + sfx)}
+    return {n: v.detach() for n, v in fused_params(m, layer, direction).items()}
 
 
 @pytest.mark.parametrize("kind,make", MODELS, ids=[f"{k}{i}" for i, (k, _) in enumerate(MODELS)])
@@ -55,10 +63,15 @@ def test_recorded_jacobians_and_total_derivative(kind, make, packed):
         assert torch.allclose(J, want, atol=1e-10, rtol=0), key
         if key.layer != top:
             continue
-        # the top layer's only direct gradient is w (its output block): δ_t = w_t + J_next(t)ᵀ δ_next(t)
+        # the top layer's only direct gradient is w (its output block) pulled back through the output
+        # (w itself where the output is the state): δ_t = direct_t + J_next(t)ᵀ δ_next(t)
         P = tr.grad(key).shape[-1]
+        O = out.shape[-1] // D
+        S = tr.states(key).clone().requires_grad_()
+        y = cell_output(kind, tr.inputs(key), (S,), p, getattr(m, "activation", None))
+        wb = w[..., key.direction * O:(key.direction + 1) * O] * mask[..., None]
         direct = torch.zeros_like(joint_gradient(tr, key))
-        direct[..., :P] = w[..., key.direction * P:(key.direction + 1) * P]
+        direct[..., :P] = torch.autograd.grad((wb * y).sum(), S)[0]
         assert torch.allclose(direct_gradients(tr, key)[mask], direct[mask], atol=1e-10)
         delta = torch.nan_to_num(joint_gradient(tr, key))
         for t in range(T):

@@ -63,3 +63,32 @@ def test_gate_errors():
         gate_statistics(tr, key, gates=["f"])
     with pytest.raises(GradflowError, match=r"\[T, B\]"):
         gate_statistics(tr, key, classes=np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("kind", ["mingru", "minlstm"])
+def test_minimal_cells_gates(kind):
+    """minGRU's z and minLSTM's normalised f′ = f/(f+i), i′ = i/(f+i), from the input only."""
+    tr, key, ref = h.make_trace(kind, T=5, B=3, H=3, lengths=[5, 2, 4])
+    p, x = ref["p"], ref["x"]
+    a = x @ p["weight_ih"].T + p["bias_ih"]
+    if kind == "mingru":
+        want = {"z": a[..., :3].sigmoid()}
+    else:
+        f, i = a[..., :3].sigmoid(), a[..., 3:6].sigmoid()
+        want = {"f": f / (f + i), "i": i / (f + i)}
+    got = gate_values(ref["cell"], p, x, ref["prevs"])
+    assert set(got) == set(want)
+    for g in want:
+        torch.testing.assert_close(got[g], want[g], atol=1e-14, rtol=0)
+    df = gate_statistics(tr, key)
+    assert list(dict.fromkeys(df["gate"])) == list(want)
+    row = df[(df.gate == list(want)[0]) & (df.t == 3)].iloc[0]
+    vals = want[list(want)[0]][3][ref["mask"][3]].numpy().ravel()  # b = 1 is past its length at t = 3
+    assert row["mean"] == pytest.approx(vals.mean())
+
+
+@pytest.mark.parametrize("kind", ["indrnn", "lru"])
+def test_cells_without_gates(kind):
+    tr, key, _ = h.make_trace(kind)
+    with pytest.raises(GradflowError, match="no gates"):
+        gate_statistics(tr, key)

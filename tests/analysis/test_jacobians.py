@@ -23,6 +23,13 @@ CASES = [  # (kind, options) — every kind and option of the closed forms
     ("lstm", {"proj": 2, "bias": False}),
     ("gru", {}),
     ("gru", {"bias": False}),
+    ("mingru", {}),
+    ("mingru", {"bias": False}),
+    ("minlstm", {}),
+    ("minlstm", {"bias": False}),
+    ("indrnn", {}),
+    ("indrnn", {"bias": False}),
+    ("lru", {}),
 ]
 
 
@@ -112,7 +119,8 @@ def test_matvec_and_rmatvec_equal_dense_products(kind, opts):
 
 
 @settings(max_examples=25, deadline=None)
-@given(kind=st.sampled_from(["rnn_tanh", "rnn_relu", "lstm", "gru"]), T=st.integers(1, 4), B=st.integers(1, 3),
+@given(kind=st.sampled_from(["rnn_tanh", "rnn_relu", "lstm", "gru", "mingru", "minlstm", "indrnn", "lru"]),
+       T=st.integers(1, 4), B=st.integers(1, 3),
        F=st.integers(1, 4), H=st.integers(1, 5), proj=st.integers(0, 3), bias=st.booleans(), seed=st.integers(0, 99))
 def test_cell_jacobians_any_size(kind, T, B, F, H, proj, bias, seed):
     proj = proj if kind == "lstm" and proj < H else 0
@@ -145,8 +153,8 @@ def _one_line(excinfo, *words):
 def test_trace_without_states():
     tr, key, ref = h.make_trace("rnn_tanh")
     norms = Trace(keep="norms")
-    norms._add_unit(key.unit, ref["cell"], ref["mask"])
-    norms._add_state(key, ref["grads"][0])
+    norms.add_unit(key.unit, ref["cell"], ref["mask"])
+    norms.add_state(key, ref["grads"][0])
     with pytest.raises(TraceError) as e:
         jacobians(norms, key)
     _one_line(e, "keep='states'", str(key))
@@ -198,7 +206,7 @@ def test_public_api_reexported():
         assert getattr(gradflow, name) is getattr(gradflow.analysis, name)
 
 
-@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "gru", "lstm"])
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "gru", "lstm", "minlstm", "lru"])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_apply_rows_in_place_matches_dense(kind, transpose, masked):

@@ -174,3 +174,54 @@ def test_lyapunov_of_a_linearization_equals_that_of_its_dense_jacobians(kind, de
     ref = lyapunov_exponents(op.dense(), warmup=2, mask=mask, threads=1)
     torch.testing.assert_close(got.exponents, ref.exponents, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got.steps, ref.steps)
+
+
+@pytest.mark.parametrize("direction", [0, 1])
+def test_lru_lyapunov_exponents_are_log_abs_lambda(direction):
+    """The LRU is linear with constant J = |λ|·rotation per unit: its exponents are ln|λ_j| = −exp(ν_j),
+    each twice (Re and Im coordinate), exactly; so are the singular values of its products, d·ln|λ_j|."""
+    tr, key, ref = h.make_trace("lru", T=30, B=2, H=4, F=3, direction=direction, lengths=[30, 17])
+    want = (-torch.exp(ref["p"]["nu_log"])).repeat(2).sort(descending=True).values
+    res = lyapunov_spectrum(tr, key, warmup=3)
+    torch.testing.assert_close(res.exponents, want.expand(2, 8), atol=1e-13, rtol=0)
+    # warm-up: the first 3 processed steps, which direction 1 takes from item 1's padding
+    assert res.steps.tolist() == ([27.0, 14.0] if direction == 0 else [27.0, 17.0])
+    assert (res.stderr[0] < 1e-12).all()
+    top = lyapunov_spectrum(tr, key, k=3)
+    torch.testing.assert_close(top.exponents, want[:3].expand(2, 3), atol=1e-13, rtol=0)
+    ls = product_spectrum(tr, key, distances=[1, 5, 17])
+    for i, d in enumerate([1, 5, 17]):
+        valid = [d, min(d, 17) if direction == 0 else max(0, d - 13)]  # item 1's steps that exist
+        torch.testing.assert_close(ls[i], torch.stack([n * want for n in valid]), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["mingru", "minlstm", "indrnn", "lru"])
+def test_diagonal_kinds_use_no_qr_and_equal_the_qr_route(kind):
+    """A diagonal kind's products and Lyapunov exponents are per-unit sums of ln|d_t| (no QR): they
+    equal the QR route on its dense Jacobians, with masked steps, warm-up and a k < S frame."""
+    from gradflow.analysis import linearize_trace, products
+
+    tr, key, _ = h.make_trace(kind, T=25, B=3, H=4, lengths=[25, 19, 8], seed=2, scale=1.5)
+    op = linearize_trace(tr, key, dtype=torch.float64)
+    mask = tr.mask(key)
+    assert op.structure != "dense"
+    calls = []
+    real_qr = products._qr
+    products._qr = lambda Z: calls.append(1) or real_qr(Z)
+    try:
+        got = lyapunov_exponents(op, warmup=2, mask=mask)
+        got_k = lyapunov_exponents(op, warmup=2, mask=mask, k=2)
+        ps = product_singular_values(op, mask=mask, distances=[1, 4, 25])
+    finally:
+        products._qr = real_qr
+    assert not calls
+    J = op.dense()
+    ref = lyapunov_exponents(J, warmup=2, mask=mask, threads=1)
+    for f in ("exponents", "stderr", "drift", "running", "steps"):
+        torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=1e-9, atol=1e-9, equal_nan=True, msg=f)
+    fin = torch.isfinite(ref.exponents[:, :2])
+    torch.testing.assert_close(got_k.exponents[fin], ref.exponents[:, :2][fin], rtol=1e-9, atol=1e-9)
+    ref_ps = product_singular_values(J, mask=mask, distances=[1, 4, 25])
+    ok = torch.isfinite(ref_ps)
+    assert torch.equal(ok, torch.isfinite(ps))
+    torch.testing.assert_close(ps[ok], ref_ps[ok], rtol=0, atol=1e-8)

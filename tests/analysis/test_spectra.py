@@ -118,3 +118,23 @@ def test_random_matrix_oracles(seed=0):
     assert abs(rho / g - 1) < 0.05
     assert abs(smax / (2 * g) - 1) < 0.03
     assert abs(float(top_singular_values(W, 1)) / smax - 1) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["mingru", "minlstm", "indrnn", "lru"])
+def test_diagonal_kinds_spectra_unit_by_unit_equal_dense_svd(kind):
+    """spectra_tables takes a diagonal kind's singular values from its per-unit factors without forming
+    J_t; they equal the SVD (and the eigenvalue moduli) of the dense Jacobians, masked steps left out."""
+    from gradflow.analysis import eigenvalue_moduli, spectra_tables
+
+    tr, key, _ = h.make_trace(kind, T=5, B=3, H=4, F=3, lengths=[5, 2, 4], scale=1.5)
+    lin = linearize_trace(tr, key)
+    assert lin.structure in ("diagonal", "complex_diagonal")
+    J = jacobians(tr, key)
+    spectra, summary = spectra_tables(tr, key)
+    mask = tr.mask(key)
+    sv = torch.linalg.svdvals(J)
+    got = torch.tensor(spectra.sort_values(["t", "b", "rank"])["sigma"].to_numpy()).view(-1, J.shape[-1])
+    torch.testing.assert_close(got, sv[mask], atol=1e-12, rtol=0)
+    radius = eigenvalue_moduli(J)[..., 0]
+    want = torch.stack([radius[t][mask[t]].mean() for t in range(5)])
+    torch.testing.assert_close(torch.tensor(summary["spectral_radius"].to_numpy()), want, atol=1e-12, rtol=0)

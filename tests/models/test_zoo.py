@@ -25,6 +25,14 @@ COUNTS = [
     ("gru", 10, 16, 2, 4, (3 * 16 * 26 + 96) + (3 * 16 * 32 + 96) + 16 * 4 + 4),
     ("mgu", 3, 5, 1, 2, 2 * 5 * 8 + 2 * 5 + 12),
     ("mgu", 3, 5, 2, 2, (2 * 5 * 8 + 10) + (2 * 5 * 10 + 10) + 12),
+    # minGRU: 2H·F_l + 2H; minLSTM: 3H·F_l + 3H; IndRNN: H·F_l + H (u) + H (b);
+    # LRU (N = H): 3N (ν, θ, γ) + 2N·F_l (B) + 2H·N (C) + H·F_l (D)
+    ("mingru", 3, 5, 1, 2, 2 * 5 * 3 + 10 + 12),
+    ("mingru", 3, 5, 2, 2, (2 * 5 * 3 + 10) + (2 * 5 * 5 + 10) + 12),
+    ("minlstm", 3, 5, 1, 2, 3 * 5 * 3 + 15 + 12),
+    ("indrnn", 3, 5, 2, 2, (5 * 3 + 5 + 5) + (5 * 5 + 5 + 5) + 12),
+    ("lru", 3, 5, 1, 2, 15 + 2 * 5 * 3 + 2 * 5 * 5 + 5 * 3 + 12),
+    ("lru", 3, 5, 2, 2, (15 + 30 + 50 + 15) + (15 + 50 + 50 + 25) + 12),
 ]
 
 
@@ -93,6 +101,10 @@ SHAPES = [
     ("gru", ("adding", dict(T=9)), (4, 1)),
     ("mgu", ("eeg", dict(T=6)), (6, 4, 4)),
     ("irnn", ("temporal_order", dict(T=20, bits=3)), (4, 8)),
+    ("mingru", ("checksum", dict(T=7)), (4, 4)),
+    ("minlstm", ("copy_memory", dict(T=3)), (23, 4, 9)),
+    ("indrnn", ("adding", dict(T=9)), (4, 1)),
+    ("lru", ("eeg", dict(T=6)), (6, 4, 4)),
 ]
 
 
@@ -131,6 +143,12 @@ ERRORS = [
     (dict(cell="gru", hidden=0), "hidden must be an integer >= 1"),
     (dict(cell="gru", dropout=1.0), "dropout must be in [0, 1)"),
     (dict(cell="gru", init="gaussian", gain=-1.0), "gain must be a positive number"),
+    (dict(cell="mingru", init="orthogonal"), "init='orthogonal' does not apply"),
+    (dict(cell="indrnn", init="gaussian", gain=2.0), "inits: default, identity"),
+    (dict(cell="gru", r_max=0.9), "r_max applies to cell='lru' only"),
+    (dict(cell="lru", r_min=0.9, r_max=0.5), "0 <= r_min < r_max <= 1"),
+    (dict(cell="lru", activation="relu"), "activation='relu' is not one of gelu, none"),
+    (dict(cell="lru", max_phase=0.0), "max_phase=0.0 must be > 0"),
 ]
 
 
@@ -155,6 +173,10 @@ def test_model_for_task_refuses_sizes():
     ("lstm", ["rnn/l0/d0/h", "rnn/l0/d0/c", "rnn/l1/d0/h", "rnn/l1/d0/c"]),
     ("gru", ["rnn/l0/d0/h", "rnn/l1/d0/h"]),
     ("mgu", ["rnn.cells.0/l0/d0/h", "rnn.cells.1/l0/d0/h"]),
+    ("mingru", ["rnn/l0/d0/h", "rnn/l1/d0/h"]),
+    ("minlstm", ["rnn/l0/d0/h", "rnn/l1/d0/h"]),
+    ("indrnn", ["rnn/l0/d0/h", "rnn/l1/d0/h"]),
+    ("lru", ["rnn/l0/d0/h", "rnn/l1/d0/h"]),
 ])
 def test_every_cell_is_recorded(cell, keys):
     t = get_task("checksum", T=9)
@@ -191,3 +213,29 @@ def test_mgu_recorded_gradient_is_the_total_derivative():
     want = torch.stack([s.grad for s in hs])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     assert float(want[0].abs().max()) > 0
+
+
+@pytest.mark.parametrize("r_min,r_max,phase", [(0.0, 1.0, 2 * math.pi), (0.9, 0.999, math.pi / 10)])
+def test_lru_ring_initialisation(r_min, r_max, phase):
+    """Orvieto et al.'s ring init: |λ| = exp(−exp(ν)) in [r_min, r_max], uniform in the ring's area
+    (|λ|² uniform), phase exp(θ) in [0, max_phase], γ = √(1 − |λ|²)."""
+    m = get_model("lru", input_size=2, output_size=1, hidden=400, r_min=r_min, r_max=r_max, max_phase=phase, seed=0)
+    assert m.describe()["options"] == {"r_min": r_min, "r_max": r_max, "max_phase": phase, "activation": "gelu"}
+    assert m.describe()["kind"] == "lru"
+    mod = torch.exp(-torch.exp(m.rnn.nu_log_l0.detach().double()))
+    assert float(mod.min()) >= r_min and float(mod.max()) <= r_max
+    r2 = (mod ** 2 - r_min ** 2) / (r_max ** 2 - r_min ** 2)  # U(0, 1) under the ring init
+    assert float(r2.mean()) == pytest.approx(0.5, abs=0.05)
+    th = torch.exp(m.rnn.theta_log_l0.detach().double())
+    assert float(th.min()) >= 0 and float(th.max()) <= phase and float(th.mean()) == pytest.approx(phase / 2, rel=0.1)
+    torch.testing.assert_close(torch.exp(m.rnn.gamma_log_l0.detach().double()), torch.sqrt(1 - mod ** 2),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_indrnn_recurrent_weights_and_identity_init():
+    m = get_model("indrnn", input_size=3, output_size=2, hidden=50, layers=2, seed=0)
+    for u in m.recurrent_blocks():
+        assert u.shape == (50,) and float(u.min()) >= 0 and float(u.max()) <= 1
+    m = get_model("indrnn", input_size=3, output_size=2, hidden=5, layers=2, init="identity", gain=0.9)
+    for u in m.recurrent_blocks():
+        assert torch.equal(u, torch.full((5,), 0.9))

@@ -1,4 +1,6 @@
-"""Recorded δ_t on fused nn.RNN/LSTM/GRU against an independent per-sequence unroll (tests/reference.py)."""
+"""Recorded δ_t on whole-sequence modules against an independent per-sequence unroll (tests/reference.py):
+fused nn.RNN/LSTM/GRU, and gradflow's own minGRU, minLSTM, IndRNN and LRU layers (the same cases
+table; their unrecorded forward is their own plain autograd recurrence)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gradflow
+from gradflow import kinds
 from gradflow.trace import StateKey
 from tests.reference import reference_fused
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    kind: str = "lstm"  # rnn_tanh rnn_relu lstm gru
+    kind: str = "lstm"  # rnn_tanh rnn_relu lstm gru mingru minlstm indrnn lru
     layers: int = 1
     bidirectional: bool = False
     batch_first: bool = False
@@ -34,12 +37,28 @@ class Case:
     F: int = 3
     H: int = 4
     seed: int = 0
+    opts: tuple = ()  # the kind's own constructor options, e.g. (("activation", "none"),)
+
+
+NEW_KINDS = ("mingru", "minlstm", "indrnn", "lru")
+KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru") + NEW_KINDS
+
+
+def sizes(case: Case) -> tuple[int, int]:
+    """(output size per direction, size of the recorded state h)."""
+    if case.kind == "lru":
+        return case.H, 2 * case.H  # output Re(C h) + D x; state [Re h; Im h]
+    return case.proj or case.H, case.proj or case.H
 
 
 def build(case: Case) -> nn.Module:
     torch.manual_seed(case.seed)
     kw = dict(num_layers=case.layers, bidirectional=case.bidirectional, batch_first=case.batch_first, bias=case.bias)
-    if case.kind == "lstm":
+    if case.kind in NEW_KINDS:
+        if case.kind == "lru":
+            kw.pop("bias")
+        m = kinds.get(case.kind).impl.layer(case.F, case.H, **kw, **dict(case.opts))
+    elif case.kind == "lstm":
         m = nn.LSTM(case.F, case.H, proj_size=case.proj, **kw)
     elif case.kind == "gru":
         m = nn.GRU(case.F, case.H, **kw)
@@ -66,7 +85,7 @@ def make_data(case: Case, seed: int | None = None) -> Data:
     g = torch.Generator().manual_seed(case.seed + 1 if seed is None else seed)
     D = 2 if case.bidirectional else 1
     L, T, B = case.layers, case.T, case.B
-    Hout = case.proj or case.H
+    Hout, S = sizes(case)
     dt = case.dtype
     x = torch.randn(T, B, case.F, generator=g, dtype=dt)
     if case.packed:
@@ -78,13 +97,13 @@ def make_data(case: Case, seed: int | None = None) -> Data:
         lengths = torch.full((B,), T)
     valid = torch.arange(T)[:, None] < lengths[None, :]
     x = x * valid[..., None]
-    h0 = torch.randn(L * D, B, Hout, generator=g, dtype=dt) if case.hx else torch.zeros(L * D, B, Hout, dtype=dt)
+    h0 = torch.randn(L * D, B, S, generator=g, dtype=dt) if case.hx else torch.zeros(L * D, B, S, dtype=dt)
     c0 = torch.randn(L * D, B, case.H, generator=g, dtype=dt) if case.hx else torch.zeros(L * D, B, case.H, dtype=dt)
     w_out = torch.randn(T, B, D * Hout, generator=g, dtype=dt)
     if case.last_only:
         w_out = torch.zeros_like(w_out)
         w_out[-1] = torch.randn(B, D * Hout, generator=g, dtype=dt)
-    w_h = torch.randn(L * D, B, Hout, generator=g, dtype=dt) * (0 if case.last_only else 1)
+    w_h = torch.randn(L * D, B, S, generator=g, dtype=dt) * (0 if case.last_only else 1)
     w_c = torch.randn(L * D, B, case.H, generator=g, dtype=dt) * (0 if case.last_only else 1)
     return Data(x, lengths, valid, h0, c0, w_out, w_h, w_c)
 
@@ -177,6 +196,14 @@ CASES = [
     Case(kind="lstm", last_only=True, T=8),
     Case(kind="lstm", dtype=torch.float32, layers=2, bidirectional=True, proj=3, hx=True),
     Case(kind="gru", dtype=torch.float32, packed=True, layers=2),
+] + [Case(kind=k) for k in NEW_KINDS] + [
+    Case(kind="mingru", layers=2, bidirectional=True, packed=True, hx=True),
+    Case(kind="minlstm", bias=False, batch_first=True, hx=True),
+    Case(kind="indrnn", layers=2, packed=True, enforce_sorted=True, hx=True),
+    Case(kind="lru", layers=2, bidirectional=True, hx=True, packed=True),
+    Case(kind="lru", opts=(("activation", "none"),), last_only=True, T=8),
+    Case(kind="mingru", dtype=torch.float32, layers=2),
+    Case(kind="lru", dtype=torch.float32, bidirectional=True, batch_first=True),
 ]
 
 
@@ -188,7 +215,7 @@ def test_fused_matches_reference(case):
 
 cases = st.builds(
     Case,
-    kind=st.sampled_from(["rnn_tanh", "rnn_relu", "lstm", "gru"]),
+    kind=st.sampled_from(KINDS),
     layers=st.integers(1, 3),
     bidirectional=st.booleans(),
     batch_first=st.booleans(),

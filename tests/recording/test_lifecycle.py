@@ -111,7 +111,7 @@ def test_one_trace_per_backward_and_norms_only():
             opt.step()
     assert len(rec.traces) == 3
     tr = rec.trace
-    assert tr._grad == {} and tr._state == {}
+    assert all(tr.state_record(k)["grad"] is None and tr.state_record(k)["state"] is None for k in tr.keys())
     with pytest.raises(TraceError, match="keep='norms'"):
         tr.grad("<root>/l0/d0/h")
     assert tr.norm("<root>/l0/d0/h").shape == (6, 2)

@@ -244,6 +244,21 @@ def test_gate_lines_per_class(runset):
     assert legend == ["0", "1"]
 
 
+def test_gate_labels_come_from_the_cell_kind():
+    """The gates table names gates, not kinds: the figure labels each run's gates from the kind whose
+    gates they are (a GRU's z keeps the state, a minGRU's z takes the candidate)."""
+    rows = []
+    for run, gates in (("GRU", ("r", "z", "n")), ("minGRU", ("z",)), ("minLSTM", ("f", "i"))):
+        for g in gates:
+            for t in range(4):
+                rows.append({"run": run, "key": "rnn/l0/d0/h", "gate": g, "t": t, "token_class": "all",
+                             "mean": 0.5, "q25": 0.4, "q50": 0.5, "q75": 0.6})
+    fig = fig_gates(pd.DataFrame(rows))
+    titles = " | ".join(axes_by_title(fig))
+    assert "update gate z" in titles and "update gate z (1 = take the candidate)" in titles
+    assert "forget gate f′ = f/(f+i)" in titles and "reset gate r" in titles
+
+
 def test_gates_without_classes_have_one_line_per_gate(runset):
     g = runset.table("gates")
     g = g[g["token_class"] == "0"].assign(token_class="all")

@@ -137,9 +137,9 @@ def _trace(norms: dict, masks: dict | None = None) -> Trace:
     for key, n in norms.items():
         n = torch.as_tensor(n, dtype=torch.float64)
         m = torch.ones(n.shape, dtype=torch.bool) if masks is None else masks[key]
-        tr._add_unit(key.unit, CellInfo("rnn_tanh", 1, 1), m)
+        tr.add_unit(key.unit, CellInfo("rnn_tanh", 1, 1), m)
         # a gradient whose norm over the last axis is n: put it in a single coordinate
-        tr._add_state(key, torch.where(m, n, torch.nan)[..., None])
+        tr.add_state(key, torch.where(m, n, torch.nan)[..., None])
     return tr
 
 

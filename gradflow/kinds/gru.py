@@ -1,0 +1,178 @@
+"""The GRU, ``gru``: gates r, z, n as PyTorch defines them.
+
+r, z = σ(W_i{r,z} x_t + b_i{r,z} + W_h{r,z} h_{t-1} + b_h{r,z}); n = tanh(W_in x_t + b_in + r (W_hn h_{t-1} + b_hn));
+h_t = (1 − z) n + z h_{t-1}. Recorded from ``nn.GRU`` (weight-sharing unroll) and ``nn.GRUCell``.
+
+Linearization: J_t = diag(z) + diag(c_r) W_hr + diag(c_z) W_hz + diag(c_n) W_hn with
+c_z = (h_{t-1} − n) σ'(a_z), c_n = (1 − z)(1 − n²) r, c_r = (1 − z)(1 − n²) (W_hn h_{t-1} + b_hn) σ'(a_r).
+Coefficients: ``z`` [T, B, H] and ``c3`` [T, B, 3H] (c_r, c_z, c_n in W_hh's gate order); weights
+``weight_hh`` [3H, H].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import _kernel as K
+from ._gated import GatedKind, preactivations, promoted
+
+
+class GRURecurrence(torch.autograd.Function):
+    """xw = W_ih x + b_ih; per step gh = W_hh h + b_hh; r, z = σ(xw_rz + gh_rz);
+    n = tanh(xw_n + r·gh_n); h' = n + z(h − n)."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, b_ih, h0, w_hh, b_hh, mask, sink):
+        x = x.contiguous()
+        T, B = x.shape[:2]
+        H = w_hh.shape[1]
+        rzn = K.empty(sink, (T, B, 3 * H), x)  # xw, overwritten step by step with (r, z, n)
+        K.project(x, w_ih, b_ih, rzn)
+        hns = K.empty(sink, (T, B, H), x)  # W_hn h + b_hn
+        out = K.empty(sink, (T, B, H), x)
+        gh = x.new_empty(B, 3 * H)
+        dh = x.new_empty(B, H)
+        w_hh_t = w_hh.t()
+        has_b = b_hh.numel() > 0
+        h = h0
+        for t in range(T):
+            if has_b:
+                torch.addmm(b_hh, h, w_hh_t, out=gh)
+            else:
+                torch.mm(h, w_hh_t, out=gh)
+            a = rzn[t]
+            a[:, : 2 * H].add_(gh[:, : 2 * H]).sigmoid_()
+            r, z = a[:, :H], a[:, H: 2 * H]
+            hns[t] = gh[:, 2 * H:]
+            n = a[:, 2 * H:].addcmul_(r, gh[:, 2 * H:]).tanh_()
+            torch.sub(h, n, out=dh)
+            torch.addcmul(n, z, dh, out=out[t])
+            if mask is not None:
+                torch.where(mask[t].unsqueeze(1), out[t], h, out=out[t])
+            h = out[t]
+        ctx.save_for_backward(x, w_ih, rzn, hns, out, h0, w_hh)
+        ctx.mask, ctx.sink, ctx.has_b, ctx.has_b_ih = mask, sink, has_b, b_ih.numel() > 0
+        if sink is not None:
+            sink.forward(h=out)
+        return out, out[T - 1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_hn):
+        x, w_ih, rzn, hns, out, h0, w_hh = ctx.saved_tensors
+        mask, sink = ctx.mask, ctx.sink
+        T, B, H = out.shape
+        d_x = K.empty(sink, (T, B, 3 * H), out)  # dL/d(W_ih x + b_ih)
+        d_gh = K.empty(sink, (T, B, 3 * H), out)  # dL/d(W_hh h + b_hh)
+        d_h = K.empty(sink, out.shape, out)
+        torch.add(g_out[T - 1], g_hn, out=d_h[T - 1])
+        n_ = min(T, K.BLOCK)
+        Fn, Fz, Fr, hp, tmp = (out.new_empty(n_, B, H) for _ in range(5))
+        dv = out.new_empty(B, H) if mask is not None else None
+        notm = None if mask is None else (~mask).unsqueeze(-1).to(out.dtype)
+        dh0 = None
+        for s, e in K.blocks(T):
+            a = rzn[s:e]
+            r, z, n = a[..., :H], a[..., H: 2 * H], a[..., 2 * H:]
+            m = e - s
+            h_prev = K.prev(out, h0, s, e, hp)
+            # dan = dv·(1−z)(1−n²); dx_r = dan·r(1−r)·hn; dx_z = dv·z(1−z)(h_prev − n)
+            fn, fz, fr, tp = Fn[:m], Fz[:m], Fr[:m], tmp[:m]
+            K.dtanh_times(n, torch.neg(z, out=fn).add_(1), tp, fn)
+            K.dsigmoid_times(z, torch.sub(h_prev, n, out=fz), tp, fz)
+            K.dsigmoid_times(r, hns[s:e], tp, fr)
+            for t in range(e - 1, s - 1, -1):
+                j = t - s
+                dh_t = d_h[t]
+                if mask is None:
+                    v = dh_t
+                else:
+                    v = torch.mul(dh_t, mask[t].unsqueeze(1), out=dv)
+                dx, dg = d_x[t], d_gh[t]
+                dan = torch.mul(v, fn[j], out=dx[:, 2 * H:])
+                torch.mul(dan, fr[j], out=dx[:, :H])
+                torch.mul(v, fz[j], out=dx[:, H: 2 * H])
+                dg[:, : 2 * H] = dx[:, : 2 * H]
+                torch.mul(dan, r[j], out=dg[:, 2 * H:])
+                if t > 0:
+                    dh_prev = torch.addmm(g_out[t - 1], dg, w_hh, out=d_h[t - 1])
+                else:
+                    dh_prev = dh0 = dg.matmul(w_hh)
+                dh_prev.addcmul_(v, z[j])
+                if notm is not None:
+                    dh_prev.addcmul_(notm[t], dh_t)
+        del Fn, Fz, Fr, hp, tmp
+        if sink is not None:
+            sink.backward("h", d_h)
+        g_whh = K.recurrent_grad(d_gh, out, h0)
+        g_bhh = d_gh.view(T * B, -1).sum(0) if ctx.has_b else None
+        dx, dw_ih, db_ih = K.input_grads(ctx, d_x, x, w_ih, ctx.has_b_ih)
+        return dx, dw_ih, db_ih, dh0, g_whh, g_bhh, None, None
+
+
+
+
+class GRUKind(GatedKind):
+    fused, cell = nn.GRU, nn.GRUCell
+    gate_blocks = 3
+
+    def record(self, x, params, s0, mask, sink):
+        empty = params["weight_hh"].new_empty(0)
+        out, h = GRURecurrence.apply(x, params["weight_ih"], params.get("bias_ih", empty), s0[0],
+                                     params["weight_hh"], params.get("bias_hh", empty), mask, sink)
+        return out, (h,)
+
+    # ------------------------------------------------------------------ linearization
+    def forward(self, cell, params, x, prev, dtype=None):
+        """Gates r, z, n and the coefficients ``c3`` of every step."""
+        dtype = promoted(x, params, prev, dtype)
+        H = cell.hidden_size
+        h = prev[0].to(dtype)
+        gi, gh = preactivations(params, x, h, dtype)
+        rz = torch.sigmoid(gi[..., :2 * H].add_(gh[..., :2 * H]))
+        r, z = rz.split(H, -1)
+        hn = gh[..., 2 * H:]
+        n = torch.tanh(torch.addcmul(gi[..., 2 * H:], r, hn))
+        c3 = torch.empty_like(gi)
+        c_r, c_z, c_n = c3.split(H, -1)
+        dn = torch.addcmul(torch.ones_like(n), n, n, value=-1).mul_(1 - z)  # (1 - z)(1 - n²)
+        torch.mul(dn, r, out=c_n)
+        torch.addcmul(r, r, r, value=-1, out=c_r).mul_(hn).mul_(dn)  # dn · hn · σ'(a_r)
+        torch.addcmul(z, z, z, value=-1, out=c_z).mul_(h - n)  # (h - n) · σ'(a_z)
+        return {"r": r, "z": z, "n": n, "c3": c3}
+
+    def linearize(self, cell, params, x, prev, dtype):
+        out = self.forward(cell, params, x, prev, dtype)
+        return {"z": out["z"], "c3": out["c3"]}, self.weights(cell, params, out["z"].dtype)
+
+    def gates(self, cell, params, x, prev, dtype):
+        out = self.forward(cell, params, x, prev, dtype)
+        return {g: out[g] for g in ("r", "z", "n")}
+
+    def apply(self, lin, R, transpose, coef=None, unsqueeze=True):
+        coef = lin.coef if coef is None else coef
+        c = {n: v.unsqueeze(-2) for n, v in coef.items()} if unsqueeze else coef
+        W, H = lin.weights["weight_hh"], lin.cell.hidden_size
+        c3 = c["c3"].unflatten(-1, (3, H))
+        if transpose:  # Jᵀu = z u + [c_r u, c_z u, c_n u] W
+            X = (c3 * R.unsqueeze(-2)).flatten(-2)
+            return (X @ W).addcmul_(c["z"], R)
+        A = (R @ W.T).unflatten(-1, (3, H)).mul_(c3)  # J v = z v + Σ_gates c_gate (W_gate v)
+        return A.sum(-2).addcmul_(c["z"], R)
+
+    def dense(self, lin, out):
+        W, H = lin.weights["weight_hh"], lin.cell.hidden_size
+        c = lin.coef["c3"].unsqueeze(-1)  # column scalings [.., 3H, 1]
+        torch.mul(c[..., :H, :], W[:H], out=out)
+        out.addcmul_(c[..., H:2 * H, :], W[H:2 * H]).addcmul_(c[..., 2 * H:, :], W[2 * H:])
+        out.diagonal(dim1=-2, dim2=-1).add_(lin.coef["z"])
+
+    def dense_sweep(self, k, S):
+        """A J v costs a GEMM with all three gate blocks of W_hh (3H columns): once the frame has more
+        than S/3 columns, forming each J_t (vectorised over steps) and one batched J Q is cheaper."""
+        return 3 * k > S
+
+
+GRU = GRUKind()

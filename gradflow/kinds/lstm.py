@@ -1,0 +1,271 @@
+"""The LSTM, ``lstm``: gates i, f, g, o; state (h, c) as independent coordinates; optional proj_size.
+
+[i f g o] = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh; c_t = σ(f)c_{t-1} + σ(i)tanh(g); m_t = σ(o)tanh(c_t);
+h_t = W_hr m_t (h_t = m_t without projection). Recorded from ``nn.LSTM`` (weight-sharing unroll) and
+``nn.LSTMCell``. The c-block of δ_t is dL/dc_t with h_t held as a separate coordinate (the gradient
+arriving through step t+1 and c_n, not the same-step path through h_t = o_t·tanh(c_t)).
+
+Linearization (state [h; c], sizes P and H, P = proj_size or H; W_i, W_f, W_g, W_o the gate blocks
+of W_hh [4H, P]): ∂c/∂h_{t-1} = diag(k_i) W_i + diag(k_f) W_f + diag(k_g) W_g with k_i = g σ'(a_i),
+k_f = c_{t-1} σ'(a_f), k_g = i (1 − g²); ∂c/∂c_{t-1} = diag(f); ∂m/∂s = diag(k_o) [W_o, 0] +
+diag(k_c) ∂c/∂s with k_o = tanh(c_t) σ'(a_o), k_c = o (1 − tanh²c_t); ∂h/∂s = W_hr ∂m/∂s.
+Coefficients: ``k4`` [T, B, 4H] (k_i, k_f, k_g, k_o stacked in W_hh's gate order, so one product
+scales every gate block at once), ``k_c`` and ``f`` [T, B, H]; weights ``weight_hh`` (and ``weight_hr``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..errors import TaskError
+from . import _kernel as K
+from ._gated import GatedKind, preactivations, promoted
+
+
+class LSTMRecurrence(torch.autograd.Function):
+    """[i f g o] = W_ih x_t + b + W_hh h_{t-1} (b = b_ih + b_hh); c_t = σ(f)c_{t-1} + σ(i)tanh(g);
+    h_t = σ(o)tanh(c_t), then W_hr h_t with proj_size."""
+
+    @staticmethod
+    def forward(ctx, x, w_ih, b, h0, c0, w_hh, w_hr, mask, sink):
+        x = x.contiguous()
+        T, B = x.shape[:2]
+        G = w_ih.shape[0]
+        H = G // 4
+        proj = w_hr.numel() > 0
+        P = h0.shape[-1]
+        gates = K.empty(sink, (T, B, G), x)
+        K.project(x, w_ih, b, gates)
+        out = K.empty(sink, (T, B, P), x)
+        cs = K.empty(sink, (T, B, H), x)  # c_t (after masking): the state
+        ms = K.empty(sink, (T, B, H), x) if proj else None  # o·tanh(c̃_t) before the projection
+        k = x.new_empty(B, H)  # tanh(c̃_t), reused
+        ctmp = x.new_empty(B, H) if mask is not None else None
+        htmp = x.new_empty(B, P) if mask is not None else None
+        w_hh_t = w_hh.t()
+        w_hr_t = w_hr.t() if proj else None
+        h, c = h0, c0
+        for t in range(T):
+            a = gates[t].addmm_(h, w_hh_t)
+            a[:, : 2 * H].sigmoid_()
+            a[:, 2 * H: 3 * H].tanh_()
+            a[:, 3 * H:].sigmoid_()
+            i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
+            c_new = torch.mul(f, c, out=cs[t] if mask is None else ctmp).addcmul_(i, g)
+            torch.tanh(c_new, out=k)
+            h_new = out[t] if mask is None else htmp
+            if proj:
+                torch.mm(torch.mul(o, k, out=ms[t]), w_hr_t, out=h_new)
+            else:
+                torch.mul(o, k, out=h_new)
+            if mask is not None:
+                m_t = mask[t].unsqueeze(1)
+                torch.where(m_t, htmp, h, out=out[t])
+                torch.where(m_t, c_new, c, out=cs[t])
+            h, c = out[t], cs[t]
+        ctx.save_for_backward(x, w_ih, gates, out, cs, ms if proj else x.new_empty(0), h0, c0, w_hh, w_hr)
+        ctx.mask, ctx.sink, ctx.has_b = mask, sink, b.numel() > 0
+        if sink is not None:
+            sink.forward(h=out, c=cs)
+        return out, out[T - 1].clone(), cs[T - 1].clone()
+
+    @staticmethod
+    def _factors(gates, cs, c0, mask, s, e, Q, A, cp, tmp):
+        """Gate-derivative factors of steps s..e-1 into the block buffers: da = Q ⊙ [dc̃, dc̃, dc̃, dm]
+        with Q [n, B, 4, H], and dc̃ = dc_in + dm ⊙ A with A = o·(1 − tanh²c̃) [n, B, H]."""
+        n = e - s
+        H = cs.shape[-1]
+        Q, A, tmp = Q[:n], A[:n], tmp[:n]
+        a = gates[s:e]
+        i, f, g, o = a[..., :H], a[..., H: 2 * H], a[..., 2 * H: 3 * H], a[..., 3 * H:]
+        cp = K.prev(cs, c0, s, e, cp)  # c_{t-1}
+        k = A  # A holds tanh(c̃) until the last product
+        if mask is None:
+            torch.tanh(cs[s:e], out=k)  # c̃_t = c_t where every step exists
+        else:
+            torch.mul(f, cp, out=k).addcmul_(i, g).tanh_()
+        K.dsigmoid_times(i, g, tmp, Q[:, :, 0])
+        K.dsigmoid_times(f, cp, tmp, Q[:, :, 1])
+        K.dtanh_times(g, i, tmp, Q[:, :, 2])
+        K.dsigmoid_times(o, k, tmp, Q[:, :, 3])
+        K.dtanh_times(k, o, tmp, A)  # last: A held tanh(c̃) = k until here
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_hn, g_cn):
+        x, w_ih, gates, out, cs, ms, h0, c0, w_hh, w_hr = ctx.saved_tensors
+        mask, sink = ctx.mask, ctx.sink
+        T, B, G = gates.shape
+        H = G // 4
+        proj = w_hr.numel() > 0
+        d_gates = K.empty(sink, gates.shape, gates)
+        d_h = K.empty(sink, out.shape, out)  # δ^h_t
+        d_c = K.empty(sink, cs.shape, cs)  # δ^c_t
+        d_ht = K.empty(sink, out.shape, out) if proj else None
+        torch.add(g_out[T - 1], g_hn, out=d_h[T - 1])
+        d_c[T - 1] = g_cn
+        n = min(T, K.BLOCK)
+        Q = gates.new_empty(n, B, 4, H)
+        A, cp, tmp = (gates.new_empty(n, B, H) for _ in range(3))
+        dct = gates.new_empty(B, H)
+        f = gates[..., H: 2 * H]
+        notm = None if mask is None else (~mask).unsqueeze(-1).to(gates.dtype)
+        dh0 = dc0 = None
+        for s, e in K.blocks(T):
+            LSTMRecurrence._factors(gates, cs, c0, mask, s, e, Q, A, cp, tmp)
+            for t in range(e - 1, s - 1, -1):
+                j = t - s
+                dh_t, dc_t = d_h[t], d_c[t]
+                if notm is None:
+                    dv, dc_in = dh_t, dc_t
+                else:
+                    m_t = mask[t].unsqueeze(1)
+                    dv, dc_in = dh_t * m_t, dc_t * m_t
+                if proj:
+                    d_ht[t] = dv
+                    dm = dv.matmul(w_hr)
+                else:
+                    dm = dv
+                torch.addcmul(dc_in, dm, A[j], out=dct)
+                da4 = d_gates[t].view(B, 4, H)
+                torch.mul(Q[j, :, :3], dct.unsqueeze(1), out=da4[:, :3])
+                torch.mul(Q[j, :, 3], dm, out=da4[:, 3])
+                da = d_gates[t]
+                if t > 0:
+                    dh_prev = torch.addmm(g_out[t - 1], da, w_hh, out=d_h[t - 1])
+                    dc_prev = torch.mul(dct, f[t], out=d_c[t - 1])
+                else:
+                    dh_prev = dh0 = da.matmul(w_hh)
+                    dc_prev = dc0 = dct * f[t]
+                if notm is not None:
+                    dh_prev.addcmul_(notm[t], dh_t)
+                    dc_prev.addcmul_(notm[t], dc_t)
+        del Q, A, cp, tmp
+        if sink is not None:
+            sink.backward("h", d_h)
+            sink.backward("c", d_c)
+        g_whh = K.recurrent_grad(d_gates, out, h0)
+        g_whr = d_ht.view(T * B, -1).t().matmul(ms.view(T * B, H)) if proj else None
+        dx, dw_ih, db = K.input_grads(ctx, d_gates, x, w_ih, ctx.has_b)
+        return dx, dw_ih, db, dh0, dc0, g_whh, g_whr, None, None
+
+
+
+
+class LSTMKind(GatedKind):
+    fused, cell = nn.LSTM, nn.LSTMCell
+    gate_blocks = 4
+
+    def state_sizes(self, hidden, proj=0):
+        return {"h": proj or hidden, "c": hidden}
+
+    def record(self, x, params, s0, mask, sink):
+        w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+        empty = w_hh.new_empty(0)
+        b = params["bias_ih"] + params["bias_hh"] if "bias_ih" in params else empty
+        out, h, c = LSTMRecurrence.apply(x, w_ih, b, s0[0], s0[1], w_hh, params.get("weight_hr", empty), mask, sink)
+        return out, (h, c)
+
+    # ------------------------------------------------------------------ linearization
+    def forward(self, cell, params, x, prev, dtype=None):
+        """Gate activations and Jacobian coefficients of every step (dict of [T, B, ·] tensors).
+        Computed in place where possible: every fresh multi-MB buffer costs page faults."""
+        dtype = promoted(x, params, prev, dtype)
+        H = cell.hidden_size
+        gi, gh = preactivations(params, x, prev[0], dtype)
+        c_prev = prev[1].to(dtype)
+        a = gi.add_(gh)  # [.., 4H] pre-activations, gates i f g o
+        act = torch.empty_like(a)
+        torch.sigmoid(a, out=act)
+        torch.tanh(a[..., 2 * H:3 * H], out=act[..., 2 * H:3 * H])
+        i, f, g, o = act.split(H, -1)
+        c = torch.addcmul(f * c_prev, i, g)
+        tc = torch.tanh(c)
+        k4 = torch.empty_like(a)  # σ'(a) = σ(1 - σ) for i, f, o; tanh' = 1 - g² for g
+        torch.addcmul(act, act, act, value=-1, out=k4)
+        k_i, k_f, k_g, k_o = k4.split(H, -1)
+        k_g.add_(1).sub_(g)  # g - g² + 1 - g = 1 - g², in place
+        k_i.mul_(g)
+        k_f.mul_(c_prev)
+        k_g.mul_(i)
+        k_o.mul_(tc)
+        k_c = torch.addcmul(torch.ones_like(tc), tc, tc, value=-1).mul_(o)
+        return {"i": i, "f": f, "g": g, "o": o, "c": c, "k4": k4, "k_c": k_c}
+
+    def linearize(self, cell, params, x, prev, dtype):
+        out = self.forward(cell, params, x, prev, dtype)
+        return {"k4": out["k4"], "k_c": out["k_c"], "f": out["f"]}, self.weights(cell, params, out["f"].dtype)
+
+    def gates(self, cell, params, x, prev, dtype):
+        out = self.forward(cell, params, x, prev, dtype)
+        return {g: out[g] for g in ("i", "f", "g", "o")}
+
+    def apply(self, lin, R, transpose, coef=None, unsqueeze=True):
+        coef = lin.coef if coef is None else coef
+        c = {n: v.unsqueeze(-2) for n, v in coef.items()} if unsqueeze else coef
+        W, Wr = lin.weights["weight_hh"], lin.weights.get("weight_hr")
+        H = lin.cell.hidden_size
+        lead = R.shape[:-1]
+        P = R.shape[-1] - H
+        k4 = c["k4"].unflatten(-1, (4, H))
+        if transpose:
+            um = R[..., :P] @ Wr if Wr is not None else R[..., :P]
+            uc = torch.addcmul(R[..., P:], c["k_c"], um)
+            ga = torch.empty(*lead, 4, H, dtype=R.dtype)
+            torch.mul(k4[..., :3, :], uc.unsqueeze(-2), out=ga[..., :3, :])
+            torch.mul(k4[..., 3, :], um, out=ga[..., 3, :])
+            out = torch.empty(*lead, R.shape[-1], dtype=R.dtype)
+            torch.matmul(ga.flatten(-2), W, out=out[..., :P])
+            torch.mul(c["f"], uc, out=out[..., P:])
+            return out
+        A = (R[..., :P] @ W.T).unflatten(-1, (4, H)).mul_(k4)
+        out = torch.empty(*lead, R.shape[-1], dtype=R.dtype)
+        dc = torch.sum(A[..., :3, :], -2, out=out[..., P:]).addcmul_(c["f"], R[..., P:])
+        dm = torch.addcmul(A[..., 3, :], c["k_c"], dc)
+        if Wr is not None:
+            torch.matmul(dm, Wr.T, out=out[..., :P])
+        else:
+            out[..., :P] = dm
+        return out
+
+    def dense(self, lin, out):
+        W, Wr = lin.weights["weight_hh"], lin.weights.get("weight_hr")
+        H = lin.cell.hidden_size
+        P = out.shape[-1] - H
+        k = lin.coef["k4"].unsqueeze(-1)
+        C = k[..., :H, :] * W[:H]  # ∂c/∂h_prev [.., H, P]
+        C.addcmul_(k[..., H:2 * H, :], W[H:2 * H]).addcmul_(k[..., 2 * H:3 * H, :], W[2 * H:3 * H])
+        out[..., P:, :P] = C
+        M = C.mul_(lin.coef["k_c"].unsqueeze(-1)).addcmul_(k[..., 3 * H:, :], W[3 * H:])  # ∂m/∂h_prev
+        kcf = lin.coef["k_c"] * lin.coef["f"]  # ∂m/∂c_prev = diag(k_c f)
+        out[..., P:, P:].zero_()
+        out[..., P:, P:].diagonal(dim1=-2, dim2=-1).copy_(lin.coef["f"])
+        if Wr is None:
+            out[..., :P, :P] = M
+            out[..., :P, P:].zero_()
+            out[..., :P, P:].diagonal(dim1=-2, dim2=-1).copy_(kcf)
+        else:
+            out[..., :P, :P] = Wr @ M
+            out[..., :P, P:] = Wr * kcf.unsqueeze(-2)
+
+    # ------------------------------------------------------------------ the model zoo
+    def check_options(self, options):
+        fb = options.get("forget_bias")
+        if fb is not None and (isinstance(fb, bool) or not isinstance(fb, (int, float))):
+            raise TaskError(f"model {self.kind.name!r}: forget_bias must be a number, got {fb!r}")
+
+    def apply_options(self, module, options):
+        """``forget_bias`` sets b_f = b_ih_f + b_hh_f (Gers et al. 2000, Jozefowicz et al. 2015)."""
+        fb = options.get("forget_bias")
+        if fb is None:
+            return
+        H = module.hidden_size
+        with torch.no_grad():
+            for layer in range(module.num_layers):
+                getattr(module, f"bias_ih_l{layer}")[H:2 * H] = float(fb)
+                getattr(module, f"bias_hh_l{layer}")[H:2 * H] = 0.0
+
+
+LSTM = LSTMKind()
