@@ -1,16 +1,17 @@
 """Lyapunov spectrum along recorded sequences: gradflow vs a per-step autograd Jacobian + QR loop.
 
-A recorded nn.RNN/GRU/LSTM (``keep="states"``), T steps, B sequences, the full spectrum (or the top
-``--k`` exponents). gradflow: ``lyapunov_spectrum(trace, key, warmup=W)`` — factored closed-form
-J·Q products (no S×S Jacobian is formed), several steps per float64 QR while the spectrum's spread
-allows. Baseline (the textbook route): at every step the batch of Jacobians by
+A recorded nn.RNN/GRU/LSTM or gradflow minGRU/LRU layer (``keep="states"``), T steps, B sequences,
+the full spectrum (or the top ``--k`` exponents). gradflow: ``lyapunov_spectrum(trace, key, warmup=W)``
+— factored closed-form J·Q products (no S×S Jacobian is formed), several steps per float64 QR while
+the spectrum's spread allows; for the diagonal kinds (minGRU, LRU) per-unit time averages of
+ln|d_t|, with no QR at all. Baseline (the textbook route): at every step the batch of Jacobians by
 ``vmap(jacrev(step))`` (float64, as gradflow), then ``Q, R = torch.linalg.qr(J @ Q)``, exponents = mean
 ln|diag R|. Both are timed with perf_counter in this process: --repeats rounds that run every
 variant in turn, after one untimed round, and the best time of each. gradflow runs with its default thread choice (batch groups on a thread pool when the
 step is large enough) and is also timed on one thread; the baseline is timed with one intra-op
 thread and with os.cpu_count(), and its faster time is the one compared. The exponents are checked to agree.
 
-    python benchmarks/lyapunov.py [--cell gru|lstm|rnn_tanh] [--H 32] [--B 16] [--T 1000] [--k K]
+    python benchmarks/lyapunov.py [--cell gru|lstm|rnn_tanh|mingru|lru] [--H 32] [--B 16] [--T 1000] [--k K]
 """
 
 from __future__ import annotations
@@ -25,7 +26,26 @@ from torch.func import jacrev, vmap
 import gradflow
 from _rounds import best_of_rounds, timed
 
-FUSED = {"rnn_tanh": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+FUSED = {"rnn_tanh": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM,
+         "mingru": lambda F, H: gradflow.kinds.get("mingru").impl.layer(F, H),
+         "lru": lambda F, H: gradflow.kinds.get("lru").impl.layer(F, H, r_min=0.5, r_max=0.999)}
+
+
+def _diagonal_step(cell, rnn, H):
+    p = {n[:-3]: v.detach().double() for n, v in rnn.named_parameters()}
+    if cell == "mingru":
+        def step(x, s):
+            a = p["weight_ih"] @ x + p["bias_ih"]
+            z = torch.sigmoid(a[:H])
+            return (1 - z) * s + z * a[H:]
+        return step
+    lam = torch.exp(torch.complex(-torch.exp(p["nu_log"]), torch.exp(p["theta_log"])))
+    g = torch.exp(p["gamma_log"])
+
+    def step(x, s):  # s = [Re h; Im h]
+        h = lam * torch.complex(s[:H], s[H:]) + g * torch.complex(p["B_re"] @ x, p["B_im"] @ x)
+        return torch.cat([h.real, h.imag])
+    return step
 
 
 def record(args):
@@ -39,6 +59,8 @@ def record(args):
 
 
 def step_fn(cell, rnn, H):
+    if cell in ("mingru", "lru"):
+        return _diagonal_step(cell, rnn, H)
     w_ih, w_hh, b_ih, b_hh = (getattr(rnn, n + "_l0").detach().double() for n in ("weight_ih", "weight_hh",
                                                                                   "bias_ih", "bias_hh"))
 

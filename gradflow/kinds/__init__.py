@@ -192,10 +192,12 @@ def model_options() -> dict[str, list[str]]:
 
 
 def for_gates(gates) -> CellKind | None:
-    """The first registered kind whose gate names are exactly ``gates`` (in any order), or None;
-    lets a report label the gates of a table that does not name its kind."""
+    """The registered kind whose gate names are exactly ``gates`` (in any order), else the first whose
+    gates include them, else None; lets a report label the gates of a table that does not name its kind."""
     want = set(gates)
-    return next((k for k in _KINDS.values() if k.gates and set(k.gate_names) == want), None)
+    gated = [k for k in _KINDS.values() if k.gates]
+    return (next((k for k in gated if set(k.gate_names) == want), None)
+            or next((k for k in gated if want and want <= set(k.gate_names)), None))
 
 
 # ---------------------------------------------------------------------- the built-in kinds

@@ -4,7 +4,9 @@ A kind of this family states its math once, as four functions of its parameters 
 
 * ``project(p, x)`` -> P: every input-dependent term of all steps at once (x [T, B, F], or any
   leading dims), one GEMM;
-* ``recur(p, P_t, s)`` -> s_t: one step, elementwise in the state, broadcasting over leading dims;
+* ``recur(q, P_t, s)`` -> s_t: one step, elementwise in the state, broadcasting over leading dims,
+  with q = ``prepare(p)`` (the parameters plus whatever a step derives from them alone, computed
+  once per sequence; default: p itself);
 * ``readout(p, S, x)`` -> the layer's output from the state sequence (default: the state itself);
 * ``diag(p, P, prev)`` -> the Jacobian coefficients of every step: ``{"d": [T, B, S]}`` for
   J_t = diag(d_t) (structure ``diagonal``), or ``{"re", "im": [T, B, N]}`` for multiplication by the
@@ -74,11 +76,11 @@ class ElementwiseRecurrence(torch.autograd.Function):
     def forward(ctx, impl, names, mask, sink, x, s0, *params):
         p = dict(zip(names, params))
         T = x.shape[0]
-        P = impl.project(p, x)
+        P, q = impl.project(p, x), impl.prepare(p)
         S = K.empty(sink, (T,) + tuple(s0.shape), s0)
         s = s0
         for t in range(T):
-            new = impl.recur(p, P[t], s)
+            new = impl.recur(q, P[t], s)
             if mask is not None:
                 new = torch.where(mask[t].unsqueeze(1), new, s)
             S[t] = new
@@ -124,7 +126,7 @@ class ElementwiseRecurrence(torch.autograd.Function):
             sink.backward("h", delta)
         w = delta if mask is None else delta * mask.unsqueeze(-1).to(delta.dtype)
         with torch.enable_grad():  # one VJP of the step over all steps (prev are constants)
-            new = impl.recur(pd, impl.project(pd, leaves[0]), prev)
+            new = impl.recur(impl.prepare(pd), impl.project(pd, leaves[0]), prev)
             grads = torch.autograd.grad(new, leaves, w, allow_unused=True)
         total = [a if b is None else (b if a is None else a + b) for a, b in zip(grads, extra)]
         dx = total[0] if ctx.needs_input_grad[4] else None
@@ -153,6 +155,9 @@ class ElementwiseKind(KindImpl):
     def readout(self, p, S, x):
         return S
 
+    def prepare(self, p):
+        return p
+
     def reset(self, module, p) -> None:
         """Initialise one layer-direction's parameters ``p`` of ``module`` in place (under no_grad)."""
         raise NotImplementedError
@@ -160,10 +165,10 @@ class ElementwiseKind(KindImpl):
     # ------------------------------------------------------------------ running
     def scan(self, x, params, s0: tuple, mask):
         """The plain forward with autograd (processing order): (output [T, B, P], (s_T,))."""
-        P = self.project(params, x)
+        P, q = self.project(params, x), self.prepare(params)
         s, seq = s0[0], []
-        for t in range(x.shape[0]):
-            new = self.recur(params, P[t], s)
+        for t, Pt in enumerate(P.unbind(0)):  # one backward for all steps (P[t] would add a [T, ...] zero each)
+            new = self.recur(q, Pt, s)
             if mask is not None:
                 new = torch.where(mask[t].unsqueeze(1), new, s)
             seq.append(new)

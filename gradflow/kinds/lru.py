@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GradflowError, TaskError
-from ._elementwise import ElementwiseKind, structured_apply
+from ._elementwise import ElementwiseKind
 from ._layers import RecurrentLayer
 
 ACTIVATIONS = ("gelu", "none")
@@ -106,9 +106,14 @@ class LRUKind(ElementwiseKind):
         g = torch.exp(p["gamma_log"])
         return F.linear(x, torch.cat([p["B_re"], p["B_im"]])) * torch.cat([g, g])
 
-    def recur(self, p, P, s):
+    def prepare(self, p):
+        """λ as the two factors of s -> λ·s on [Re h; Im h]: A = [Re λ; Re λ], Bs = [−Im λ; Im λ]."""
         a, b = _lam(p)
-        return structured_apply("complex_diagonal", {"re": a, "im": b}, s, False) + P
+        return {**p, "A": torch.cat([a, a]), "Bs": torch.cat([-b, b])}
+
+    def recur(self, q, P, s):
+        swapped = torch.roll(s, q["nu_log"].shape[0], -1)  # [Im h; Re h]
+        return torch.addcmul(torch.addcmul(P, q["A"], s), q["Bs"], swapped)  # λ·h + γ B x
 
     def readout(self, p, S, x):
         return F.linear(S, torch.cat([p["C_re"], -p["C_im"]], 1)) + F.linear(x, p["D"])

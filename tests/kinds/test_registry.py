@@ -81,7 +81,7 @@ def test_every_kind_is_complete():
     assert kinds.get("lru").structure == "complex_diagonal"
     assert kinds.get("gru").gate_label("z") == "update gate z" != kinds.get("mingru").gate_label("z")
     assert kinds.for_gates(["z"]).name == "mingru" and kinds.for_gates(["n", "z", "r"]).name == "gru"
-    assert kinds.for_gates(["q"]) is None
+    assert kinds.for_gates(["q"]) is None and kinds.for_gates(["i"]).name == "lstm"
     zoo = kinds.zoo()
     assert zoo["irnn"].kind == "rnn_relu" and zoo["mgu"].kind == "custom" and "custom" not in zoo
     assert set(gradflow.models.list_cells()) == set(zoo)
