@@ -60,7 +60,8 @@ def strip_module_prefix(trace: Trace, prefix: str = PREFIX) -> Trace:
     for u in trace.units():
         out.add_unit((_strip(u[0], prefix),) + tuple(u[1:]), **trace.unit_record(u))
     for k in trace.keys():
-        out.add_state(StateKey(_strip(k.module, prefix), k.layer, k.direction, k.state, k.call), **trace.state_record(k))
+        key = StateKey(_strip(k.module, prefix), k.layer, k.direction, k.state, k.call)
+        out.add_state(key, **trace.state_record(k))
     return out
 
 
@@ -70,8 +71,8 @@ def _header(trace: Trace) -> dict:
     states = {k: trace.state_record(k) for k in keys}
     inputs = {u: trace.unit_record(u)["inputs"] for u in units}
     dt = {}
-    for name, values in (("grad", [s["grad"] for s in states.values()]), ("state", [s["state"] for s in states.values()]),
-                         ("inputs", list(inputs.values()))):
+    for name, values in (("grad", [s["grad"] for s in states.values()]),
+                         ("state", [s["state"] for s in states.values()]), ("inputs", list(inputs.values()))):
         v = next((v for v in values if v is not None), None)
         if v is not None:
             dt[name] = str(v.dtype).replace("torch.", "")

@@ -204,8 +204,8 @@ def linearize(cell: CellInfo, params: Mapping[str, torch.Tensor] | None, x: torc
         raise GradflowError(f"linearize: mask has shape {tuple(mask.shape)}, expected {tuple(x.shape[:2])}")
     if impl.needs_step:
         if step is None:
-            raise GradflowError(f"cell kind {cell.kind!r} ({cell.cell_class or 'a user cell'}) has no closed form and no "
-                                "step function; record it in this process with a registered custom cell")
+            raise GradflowError(f"cell kind {cell.kind!r} ({cell.cell_class or 'a user cell'}) has no closed form and "
+                                "no step function; record it in this process with a registered custom cell")
         prev = tuple(prev)
         for (name, a, b), p in zip(layout, prev):
             if tuple(p.shape) != (x.shape[0], x.shape[1], b - a):

@@ -33,8 +33,8 @@ from typing import Any, Mapping
 
 from ..errors import GradflowError
 
-__all__ = ["CellKind", "Gate", "ZooCell", "STRUCTURES", "register_kind", "unregister_kind", "get", "names", "kinds", "zoo",
-           "zoo_cell", "model_options", "for_gates", "CUSTOM"]
+__all__ = ["CellKind", "Gate", "ZooCell", "STRUCTURES", "register_kind", "unregister_kind", "get", "names", "kinds",
+           "zoo", "zoo_cell", "model_options", "for_gates", "CUSTOM"]
 
 STRUCTURES = ("dense", "diagonal", "complex_diagonal")
 
@@ -159,7 +159,8 @@ def get(name: str) -> CellKind:
     try:
         return _KINDS[name]
     except (KeyError, TypeError):
-        raise GradflowError(f"unknown cell kind {name!r}{_nearest(name, _KINDS)} (kinds: {', '.join(_KINDS)})") from None
+        raise GradflowError(f"unknown cell kind {name!r}{_nearest(name, _KINDS)} (kinds: {', '.join(_KINDS)})") \
+            from None
 
 
 def names() -> list[str]:

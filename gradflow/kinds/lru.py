@@ -60,7 +60,8 @@ class LRU(RecurrentLayer):
                  dropout: float = 0.0, bidirectional: bool = False, *, r_min: float = 0.0, r_max: float = 1.0,
                  max_phase: float = 2 * math.pi, activation: str = "gelu"):
         _check(r_min, r_max, max_phase, activation)
-        self.r_min, self.r_max, self.max_phase, self.activation = float(r_min), float(r_max), float(max_phase), activation
+        self.r_min, self.r_max, self.max_phase = float(r_min), float(r_max), float(max_phase)
+        self.activation = activation
         super().__init__(input_size, hidden_size, num_layers, bias=False, batch_first=batch_first, dropout=dropout,
                          bidirectional=bidirectional)
 

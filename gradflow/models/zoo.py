@@ -163,7 +163,8 @@ def _validate(entry, builder, input_size, output_size, readout, hidden, layers, 
     if entry.init is not None and init != entry.init:
         raise TaskError(f"model {name!r} is defined by init={entry.init!r}; for init={init!r} use cell={entry.kind!r}")
     if init not in builder.inits:
-        raise TaskError(f"model {name!r}: init={init!r} does not apply to this cell (inits: {', '.join(builder.inits)})")
+        raise TaskError(f"model {name!r}: init={init!r} does not apply to this cell "
+                        f"(inits: {', '.join(builder.inits)})")
     if not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0):
         raise TaskError(f"model {name!r}: gain must be a positive number, got {gain!r}")
     if init == "default" and gain != 1.0:

@@ -4,11 +4,13 @@ and ``custom`` adapters).
 Each forward call is one timestep. Both kinds of cell go through one table of :class:`CellSpec`
 (how to read the cell's states and what kind it is): the step modules of the registered cell kinds
 (``nn.RNNCell`` is a step of ``rnn_tanh``/``rnn_relu``, ...) and the classes registered with
-:func:`register_cell`, whose kind is ``custom`` (Jacobians by torch.func from the recorded step). A forward hook replaces the state tensors in the cell's output
-by aliases (``s.view_as(s)``) and registers a tensor hook on each alias: the alias receives exactly
-the gradient flowing back from later uses of the state (the next step, the user's output head), not
-the same-step paths inside the cell (e.g. h_t = o_t·tanh(c_t) in an LSTMCell). That is the total
-derivative dL/ds_t with the state's components as independent coordinates.
+:func:`register_cell`, whose kind is ``custom`` (Jacobians by torch.func from the recorded step).
+
+A forward hook replaces the state tensors in the cell's output by aliases (``s.view_as(s)``) and
+registers a tensor hook on each alias: the alias receives exactly the gradient flowing back from
+later uses of the state (the next step, the user's output head), not the same-step paths inside
+the cell (e.g. h_t = o_t·tanh(c_t) in an LSTMCell). That is the total derivative dL/ds_t with the
+state's components as independent coordinates.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def register_cell(
         if not (isinstance(c, type) and issubclass(c, nn.Module)):
             raise GradflowError(f"register_cell expects an nn.Module subclass, got {c!r}")
         names = tuple(states)
-        if not names or len(set(names)) != len(names) or not all(isinstance(s, str) and s.isidentifier() for s in names):
+        if not names or len(set(names)) != len(names) or not all(isinstance(s, str) and s.isidentifier()
+                                                                  for s in names):
             raise GradflowError(f"register_cell({c.__name__}): states must be distinct identifiers, got {states!r}")
         n = len(names)
         _REGISTRY[c] = CellSpec(

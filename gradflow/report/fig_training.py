@@ -90,8 +90,9 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
                 q = s.loc[s["gate"] == g, "q25"].to_numpy(float)
                 lo = float(np.nanmin(q)) if np.isfinite(q).any() else 0.0
                 ax.set_ylim(-1.05 if lo < -0.02 else -0.02, 1.02)
-                ax.set_title(wrap_title(f"{labels[(run, key)]}: {kind.gate_label(g) if kind else 'gate ' + g}", title_w, 8.5,
-                                        sep=": "), loc="left", fontsize=8.5)
+                label = kind.gate_label(g) if kind else f"gate {g}"
+                ax.set_title(wrap_title(f"{labels[(run, key)]}: {label}", title_w, 8.5, sep=": "), loc="left",
+                             fontsize=8.5)
                 ax.set_xlabel("timestep t")
                 if j == 0:
                     ax.set_ylabel("activation")

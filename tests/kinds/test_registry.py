@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # module, with the reason. Keep this list empty unless the string is a choice of model, not
 # knowledge about a kind.
 ALLOWED = {
-    ("gradflow/training.py", "rnn_relu"): "clipping_experiment's default model (the exploding ReLU RNN), like a spec's cell",
+    ("gradflow/training.py", "rnn_relu"):
+        "clipping_experiment's default model (the exploding ReLU RNN), a choice of model like a spec's cell",
 }
 
 
