@@ -217,7 +217,7 @@ register_kind(CellKind(
 register_kind(CellKind(
     "gru", "GRU, gates r, z, n", _P + "gru:GRU",
     gates=(Gate("r", "reset gate r"), Gate("z", "update gate z"), Gate("n", "candidate n (tanh)")),
-    gate_note="In a GRU an update gate z near 1 keeps the previous state (h_t = (1 − z) n_t + z h_{t−1})."))
+    gate_note="In a GRU an update gate z near 1 keeps the previous state (new h = (1 − z)·n + z·h)."))
 CUSTOM = register_kind(CellKind(
     "custom", "a cell registered with gradflow.register_cell, differentiated with torch.func",
     _P + "custom:CUSTOM", states=(), in_zoo=False))
@@ -226,7 +226,7 @@ _preset(ZooCell("mgu", "custom", "Minimal Gated Unit (Zhou et al. 2016), custom 
 register_kind(CellKind(
     "mingru", "minGRU (Feng et al. 2024): h = (1 − z) h + z h̃, gate and candidate from x only",
     _P + "mingru:MINGRU", gates=(Gate("z", "update gate z (1 = take the candidate)"),), structure="diagonal",
-    gate_note="In a minGRU the update gate z near 0 keeps the previous state (h_t = (1 − z) h_{t−1} + z h̃_t), "
+    gate_note="In a minGRU the update gate z near 0 keeps the previous state (new h = (1 − z)·h + z·h̃), "
               "the opposite of the GRU's z."))
 register_kind(CellKind(
     "minlstm", "minLSTM (Feng et al. 2024): h = f′ h + i′ h̃ with f′ + i′ = 1, gates from x only",

@@ -133,7 +133,7 @@ def fig_distance(distance: pd.DataFrame, decay: pd.DataFrame | None = None, *, t
             hs = [h for h in ax.get_lines() if (h.get_gid() or "").startswith("median|")]
             labels = [(f"{k}: {notes[k]}" if k in notes else k) if len(keys) > 1 else notes.get(k, k) for k in keys]
             # wrapped to the panel's width (less the y axis), so that a long note never leaves the figure
-            inner_pt = (f.bbox.width / f.figure.dpi / cols - 0.9) * 72
+            inner_pt = (f.bbox.width / f.figure.dpi / cols - 1.3) * 72
             ax.legend(hs, [wrap_text(s, inner_pt, 7) for s in labels], loc="best", fontsize=7, framealpha=0.85)
             ax.set_title(run, loc="left")
             ax.set_xlabel("temporal distance to the loss (steps)")

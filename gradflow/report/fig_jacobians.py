@@ -238,7 +238,7 @@ def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | 
                     ax.text(0.03, 0.03, f"smaller σ continue down to {pow10_text(math.floor(smin))}",
                             transform=ax.transAxes, fontsize=6.5, color="0.2", va="bottom",
                             bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=1.5))
-                title_w = (top.bbox.width / top.figure.dpi - 0.8) / cols - 0.1  # the colour bar takes ~0.8 in
+                title_w = (top.bbox.width / top.figure.dpi - 0.8) / cols - 0.5  # less the colour bar, y ticks
                 ax.set_title(wrap_title(f"{run} — {key}", title_w), loc="left")
                 ax.set_xlabel("distance k (steps)")
                 if ax.get_subplotspec().is_first_col():
