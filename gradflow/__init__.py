@@ -36,7 +36,6 @@ from .errors import (
 # submodules' own __all__, so it cannot drift)
 _LAZY: dict[str, str] = {
     **dict.fromkeys(("CellInfo", "StateKey", "Trace"), "trace"),
-    **dict.fromkeys(("CellKind", "register_kind"), "kinds"),
     "load": "loading",
     **dict.fromkeys(("record", "Recorder", "register_cell", "unregister_cell", "find_recurrent"), "recording"),
     **dict.fromkeys((

@@ -39,7 +39,7 @@ def test_shipped_specs_are_the_analyses_directory():
     assert catalog.analyses_dir() == ROOT / "analyses"  # a source checkout reads its own specs
     studies, sweeps = catalog.shipped_specs("study"), catalog.shipped_specs("sweep")
     assert studies == {p.stem: p for p in sorted((ROOT / "analyses").glob("*.toml"))}
-    assert len(studies) == 10 and "checksum" in studies
+    assert len(studies) == 11 and "checksum" in studies
     assert set(sweeps) == {"gain_cells", "length"}
     assert all(len(catalog.spec_claim(p).split()) >= 8 for p in [*studies.values(), *sweeps.values()])
 

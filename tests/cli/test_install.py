@@ -59,7 +59,7 @@ def test_wheel_installed_outside_the_checkout_lists_and_runs_the_analyses(tmp_pa
     wheel = _build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "analyses").rglob("*.toml"))
-    assert len(shipped) == 12
+    assert len(shipped) == 13
     assert {f"gradflow/{p}" for p in shipped} <= names, "every analysis spec is in the wheel"
 
     venv = tmp_path / "venv"

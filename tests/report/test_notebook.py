@@ -68,8 +68,8 @@ def test_trace_overview_values_match_a_direct_computation():
     g[~mask] = float("nan")  # what recording writes at missing steps
     tr = Trace(keep="full")
     unit = ("rnn", 0, 0, 0)
-    tr._add_unit(unit, CellInfo("rnn_tanh", 2, 3, state_sizes={"h": 3}), mask)
-    tr._add_state(StateKey("rnn"), g)
+    tr.add_unit(unit, CellInfo("rnn_tanh", 2, 3, state_sizes={"h": 3}), mask)
+    tr.add_state(StateKey("rnn"), g)
     fr = trace_frame(tr)
     for t in range(6):
         vals = [math.log10(float(torch.linalg.norm(g[t, b]))) if float(torch.linalg.norm(g[t, b])) > 0 else -math.inf
