@@ -70,13 +70,21 @@ def structured_moduli(structure: str, coef) -> torch.Tensor:
 # ---------------------------------------------------------------------- the recording kernel
 class ElementwiseRecurrence(torch.autograd.Function):
     """One layer-direction of an :class:`ElementwiseKind` in processing order (see the module docstring).
-    Inputs: impl, parameter names, mask [T, B] or None, sink, x [T, B, F], s0 [B, S], *parameters."""
+    Inputs: impl, parameter names, mask [T, B] or None, sink, x [T, B, F], s0 [B, S], *parameters.
+
+    The projection P = project(p, x) is computed once, in the forward, with its (small) autograd
+    graph kept for the backward: the backward then needs no second GEMM over all steps for it."""
 
     @staticmethod
     def forward(ctx, impl, names, mask, sink, x, s0, *params):
+        need = ctx.needs_input_grad
+        leaves = [x.detach().requires_grad_(need[4]), *(q.detach().requires_grad_(need[6 + j])
+                                                        for j, q in enumerate(params))]
         p = dict(zip(names, params))
+        with torch.enable_grad():
+            P_graph = impl.project(dict(zip(names, leaves[1:])), leaves[0])
+        P, q = P_graph.detach(), impl.prepare(p)
         T = x.shape[0]
-        P, q = impl.project(p, x), impl.prepare(p)
         S = K.empty(sink, (T,) + tuple(s0.shape), s0)
         s = s0
         for t in range(T):
@@ -88,6 +96,7 @@ class ElementwiseRecurrence(torch.autograd.Function):
         out = impl.readout(p, S, x)
         ctx.save_for_backward(x, s0, S, *params)
         ctx.impl, ctx.names, ctx.mask, ctx.sink = impl, names, mask, sink
+        ctx.graph = (leaves, P_graph)
         if sink is not None:
             sink.forward(h=S)
         return out, S[T - 1].clone()
@@ -97,25 +106,40 @@ class ElementwiseRecurrence(torch.autograd.Function):
     def backward(ctx, g_out, g_last):
         x, s0, S, *params = ctx.saved_tensors
         impl, names, mask, sink = ctx.impl, ctx.names, ctx.mask, ctx.sink
+        leaves, P_graph = ctx.graph
+        del ctx.graph
         T = S.shape[0]
         prev = torch.cat([s0.unsqueeze(0), S[:-1]])
-        leaves = [x.detach().requires_grad_(), *(q.detach().requires_grad_() for q in params)]
-        pd = dict(zip(names, leaves[1:]))
-        extra = [None] * len(leaves)
+        pl = dict(zip(names, leaves[1:]))
+        wanted = [v for v in leaves if v.requires_grad]
+        grads: dict[int, torch.Tensor] = {}
+
+        def add(tensors, values):
+            for v, g in zip(tensors, values):
+                if g is not None:
+                    grads[id(v)] = g if id(v) not in grads else grads[id(v)] + g
+
         if impl.identity_readout:
             g_s = g_out
         else:  # the readout's own gradients, and its direct gradient on every state
             with torch.enable_grad():
                 Sd = S.detach().requires_grad_()
-                got = torch.autograd.grad(impl.readout(pd, Sd, leaves[0]), [Sd, *leaves], g_out, allow_unused=True)
-            g_s, extra = got[0], list(got[1:])
-        p = dict(zip(names, params))
-        coef = impl.diag(p, impl.project(p, x), prev)
-        st = impl.kind.structure
+                got = torch.autograd.grad(impl.readout(pl, Sd, leaves[0]), [Sd, *wanted], g_out, allow_unused=True)
+            g_s = got[0]
+            add(wanted, got[1:])
+        P = P_graph.detach()
+        with torch.enable_grad():  # the step over all steps at once (prev are constants), for one VJP below
+            Pd = P.requires_grad_()
+            new = impl.recur(impl.prepare(pl), Pd, prev)
+        coef = impl.diag(dict(zip(names, params)), P, prev)
+        diagonal = impl.kind.structure == "diagonal" and mask is None
         delta = K.empty(sink, S.shape, S)
         torch.add(g_s[T - 1], g_last, out=delta[T - 1])
         for t in range(T - 1, -1, -1):
-            back = structured_apply(st, {n: v[t] for n, v in coef.items()}, delta[t], True)
+            if diagonal and t > 0:  # δ_{t-1} = g_{t-1} + d_t ⊙ δ_t, in place
+                torch.addcmul(g_s[t - 1], coef["d"][t], delta[t], out=delta[t - 1])
+                continue
+            back = structured_apply(impl.kind.structure, {n: v[t] for n, v in coef.items()}, delta[t], True)
             if mask is not None:
                 back = torch.where(mask[t].unsqueeze(1), back, delta[t])
             if t > 0:
@@ -125,14 +149,14 @@ class ElementwiseRecurrence(torch.autograd.Function):
         if sink is not None:
             sink.backward("h", delta)
         w = delta if mask is None else delta * mask.unsqueeze(-1).to(delta.dtype)
-        with torch.enable_grad():  # one VJP of the step over all steps (prev are constants)
-            new = impl.recur(impl.prepare(pd), impl.project(pd, leaves[0]), prev)
-            grads = torch.autograd.grad(new, leaves, w, allow_unused=True)
-        total = [a if b is None else (b if a is None else a + b) for a, b in zip(grads, extra)]
-        dx = total[0] if ctx.needs_input_grad[4] else None
+        in_recur = [v for v in leaves[1:] if v.requires_grad]
+        g_P, *g_rec = torch.autograd.grad(new, [Pd, *in_recur], w, allow_unused=True)
+        add(in_recur, g_rec)
+        if wanted:  # through the projection's saved graph
+            add(wanted, torch.autograd.grad(P_graph, wanted, g_P, allow_unused=True))
+        dx = grads.get(id(leaves[0]))
         ds0 = ds0 if ctx.needs_input_grad[5] else None
-        dps = [g if ctx.needs_input_grad[6 + j] else None for j, g in enumerate(total[1:])]
-        return (None, None, None, None, dx, ds0, *dps)
+        return (None, None, None, None, dx, ds0, *(grads.get(id(v)) for v in leaves[1:]))
 
 
 # ---------------------------------------------------------------------- the family's implementation

@@ -26,6 +26,12 @@ class MinGRU(RecurrentLayer):
     kind_name = "mingru"
 
 
+def _split(P):
+    """(z's pre-activation, h̃) from P [..., 2H]: unbind, whose backward stacks (slices would each
+    fill a zero [.., 2H] gradient)."""
+    return P.unflatten(-1, (2, -1)).unbind(-2)
+
+
 class MinGRUKind(ElementwiseKind):
     layer = MinGRU
     gate_blocks = 2
@@ -43,12 +49,11 @@ class MinGRUKind(ElementwiseKind):
         return F.linear(x, p["weight_ih"], p.get("bias_ih"))
 
     def recur(self, p, P, h):
-        H = P.shape[-1] // 2
-        return torch.lerp(h, P[..., H:], torch.sigmoid(P[..., :H]))  # h + z (h̃ − h)
+        a, cand = _split(P)
+        return torch.lerp(h, cand, torch.sigmoid(a))  # h + z (h̃ − h)
 
     def diag(self, p, P, prev):
-        H = P.shape[-1] // 2
-        return {"d": 1 - torch.sigmoid(P[..., :H])}
+        return {"d": 1 - torch.sigmoid(_split(P)[0])}
 
     def gates(self, cell, params, x, prev, dtype):
         dtype = dtype or torch.promote_types(x.dtype, params["weight_ih"].dtype)

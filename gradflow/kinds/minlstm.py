@@ -29,11 +29,12 @@ class MinLSTM(RecurrentLayer):
 
 
 def _normalised(P):
-    """(f′, i′, h̃) from the projections P [..., 3H]."""
-    H = P.shape[-1] // 3
-    f, i = torch.sigmoid(P[..., :H]), torch.sigmoid(P[..., H:2 * H])
+    """(f′, i′, h̃) from the projections P [..., 3H] (unbound: its backward stacks, where slices would
+    each fill a zero [.., 3H] gradient)."""
+    a_f, a_i, cand = P.unflatten(-1, (3, -1)).unbind(-2)
+    f, i = torch.sigmoid(a_f), torch.sigmoid(a_i)
     s = f + i
-    return f / s, i / s, P[..., 2 * H:]
+    return f / s, i / s, cand
 
 
 class MinLSTMKind(ElementwiseKind):
