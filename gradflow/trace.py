@@ -86,12 +86,15 @@ class StateKey:
 class CellInfo:
     """What recurrence a unit runs.
 
-    kind: ``"rnn_tanh" | "rnn_relu" | "lstm" | "gru" | "custom"``; source: ``"fused"`` (nn.RNN/LSTM/GRU),
-    ``"cell"`` (nn.*Cell in a loop) or ``"custom"`` (a registered user cell). ``state_sizes`` maps
-    state name to its size (LSTM with ``proj_size``: h has proj_size, c has hidden_size).
-    Parameter names in ``Trace.params``: ``weight_ih [G*H, F]``, ``weight_hh [G*H, P]``,
-    ``bias_ih [G*H]``, ``bias_hh [G*H]`` (absent when ``bias=False``), ``weight_hr [P, H]`` (proj only);
-    gate order as in PyTorch: LSTM i, f, g, o; GRU r, z, n.
+    kind: the name of a registered cell kind (:mod:`gradflow.kinds`: ``"rnn_tanh"``, ``"lstm"``,
+    ``"mingru"``, ``"lru"`` ..., ``"custom"`` for a registered user cell); source: ``"fused"``
+    (a whole-sequence module: nn.RNN/LSTM/GRU or a gradflow.kinds layer), ``"cell"`` (nn.*Cell in a
+    loop) or ``"custom"`` (a registered user cell). ``state_sizes`` maps state name to its size (LSTM
+    with ``proj_size``: h has proj_size, c has hidden_size; LRU: h is [Re h; Im h], 2·hidden_size).
+    Parameter names in ``Trace.params`` are the module's, without the layer suffix; for the PyTorch
+    kinds ``weight_ih [G*H, F]``, ``weight_hh [G*H, P]``, ``bias_ih [G*H]``, ``bias_hh [G*H]`` (absent
+    when ``bias=False``), ``weight_hr [P, H]`` (proj only), gate order as in PyTorch: LSTM i, f, g, o;
+    GRU r, z, n. The other kinds' modules document theirs.
     """
 
     kind: str
