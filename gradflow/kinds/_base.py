@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..errors import GradflowError, TaskError
+from ..errors import GradflowError
 from ..trace import CellInfo
 
 INITS = ("default", "orthogonal", "identity", "gaussian")
@@ -188,6 +188,3 @@ class KindImpl:
             n += sum(math.prod(s) for s in self.param_shapes(info, info.input_size).values())
         return n
 
-
-def option_error(kind: str, name: str, value, want: str) -> TaskError:
-    return TaskError(f"model {kind!r}: {name}={value!r} must be {want}")
