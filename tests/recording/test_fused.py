@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -151,7 +151,9 @@ def run_case(case: Case):
 
 
 def tolerance(case):
-    return dict(rtol=1e-10, atol=1e-12) if case.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    """float64: 1e-10 relative. float32: 1e-5 relative, with the same floor in absolute terms (the values are
+    O(1), so an entry near 0 may carry the ~10 ulps of an O(1) partner's rounding, seen at 1.2e-6 on an LRU)."""
+    return dict(rtol=1e-10, atol=1e-12) if case.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
 
 
 def check_case(case: Case):
@@ -236,6 +238,8 @@ cases = st.builds(
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases)
+@example(case=Case(kind="lru", layers=3, bidirectional=True, bias=False, packed=True, dtype=torch.float32,
+                   T=3, B=1, F=2, H=3, seed=1))  # failed CI at atol=1e-6 (an entry of 0.05 off by 1.2e-6)
 def test_fused_property(case):
     if case.kind != "lstm":
         case = dataclasses.replace(case, proj=0)
