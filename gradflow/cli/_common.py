@@ -11,7 +11,8 @@ from ..errors import GradflowError
 
 
 def one_line_errors(fn):
-    """Turn GradflowError / OSError into ``error: ...`` on stderr and exit status 2."""
+    """Turn GradflowError / OSError into one line ``Error: ...`` on stderr and exit status 1 (the
+    convention is :class:`gradflow.cli.main.OneLineGroup`'s)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

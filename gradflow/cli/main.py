@@ -4,12 +4,46 @@ import them (tests/cli/test_lazy.py)."""
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .._version import __version__
 
+USAGE_EXIT = 2  # the command line itself is wrong: unknown command/option, missing argument, bad value
+ERROR_EXIT = 1  # the command line was fine but the command failed (bad spec, missing file, ...)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class OneLineGroup(click.Group):
+    """The error convention of every command: a usage error exits 2, any other error exits 1, and both
+    print one line on stderr, ``Error: <what>``; a usage error's line ends with where to look next
+    (``(see 'gradflow run --help')``). Help, version and success exit 0 as click's do."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare ``gradflow``: the help, as click shows it
+            exc.show()
+            sys.exit(USAGE_EXIT)
+        except click.UsageError as exc:
+            hint = ""
+            if exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} {max(exc.ctx.help_option_names, key=len)}')"
+            msg = " ".join(exc.format_message().split()).rstrip()
+            click.echo(f"Error: {msg}{hint}", err=True)
+            sys.exit(USAGE_EXIT)
+        except click.ClickException as exc:
+            click.echo(f"Error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code if exc.exit_code not in (0, USAGE_EXIT) else ERROR_EXIT)
+        except click.Abort:
+            click.echo("Error: aborted", err=True)
+            sys.exit(ERROR_EXIT)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="gradflow")
 def cli():
     """gradflow: where and why gradients vanish or explode in recurrent networks.
