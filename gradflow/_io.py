@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,7 +31,10 @@ def _file_mode() -> int:
 _MODE = _file_mode()
 
 
-def _atomic_write(path: Path, write) -> None:
+def _stage(path: Path, write) -> str:
+    """Write ``path``'s new content into a temporary file beside it (fsynced, final mode) and return
+    the temporary file's name; ``path`` itself is untouched. OSError becomes a GradflowError naming
+    ``path``; on any error the temporary file is removed."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +47,19 @@ def _atomic_write(path: Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, _MODE)
+    except OSError as exc:
+        _unlink_quiet(tmp)
+        raise GradflowError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    tmp = _stage(path, write)
+    try:
         os.replace(tmp, path)
     except OSError as exc:
         _unlink_quiet(tmp)
@@ -50,6 +67,69 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         _unlink_quiet(tmp)
         raise
+
+
+def write_files(files: "list[tuple[Path, bytes]]") -> None:
+    """Replace several files together (a report's HTML and PDF): every new file is first written
+    completely beside its target, and only then are they renamed into place. If staging fails no
+    target changes; if a rename fails, the targets renamed before it get their previous content back
+    (kept meanwhile as a hard link, or a copy where links are not possible; a target that did not
+    exist is removed again). Raises a one-line GradflowError naming the file that failed."""
+    staged: list[tuple[Path, str]] = []
+    try:
+        for path, data in files:
+            staged.append((Path(path), _stage(path, lambda fh, d=data: fh.write(d))))
+    except BaseException:
+        for _, tmp in staged:
+            _unlink_quiet(tmp)
+        raise
+    done: list[tuple[Path, str | None]] = []
+    path = staged[0][0] if staged else Path()
+    try:
+        for path, tmp in staged:
+            bak = _backup(path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if bak:
+                    _unlink_quiet(bak)
+                raise
+            done.append((path, bak))
+    except BaseException as exc:
+        for p, bak in reversed(done):
+            try:
+                if bak:
+                    os.replace(bak, p)
+                else:
+                    os.unlink(p)
+            except OSError:
+                pass
+        for _, tmp in staged:
+            _unlink_quiet(tmp)
+        if isinstance(exc, OSError):
+            raise GradflowError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+    for _, bak in done:
+        if bak:
+            _unlink_quiet(bak)
+
+
+def _backup(path: Path) -> str | None:
+    """A second name for ``path``'s current content (hard link, else a copy); None if it has none."""
+    if not path.is_file():
+        return None
+    bak = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.bak")
+    try:
+        os.link(path, bak)
+    except OSError:
+        import shutil
+
+        try:
+            shutil.copy2(path, bak)
+        except OSError as exc:
+            _unlink_quiet(bak)
+            raise GradflowError(f"cannot keep the previous {path} while replacing it: {exc.strerror or exc}") from exc
+    return bak
 
 
 def _unlink_quiet(p: str) -> None:

@@ -1,8 +1,9 @@
 """build_report: run/study directories -> one HTML page and/or one PDF, written atomically.
 
-Everything is rendered in memory first (HTML text, PDF bytes); only then are files written, each
-through a temporary file renamed into place. If writing the second file fails, the first one written
-by this call is removed again, so a failure never leaves a partial or half-matching report.
+Everything is rendered in memory first (HTML text, PDF bytes); then both files are written completely
+beside their targets, and only then renamed over them (:func:`gradflow._io.write_files`). A failure at
+any point (a directory that cannot be made, a full disk, a failed rename) leaves the previous report,
+HTML and PDF, as it was, and never a partial or half-matching pair.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def build_report(paths, html: str | os.PathLike | None = None, pdf: str | os.Pat
     ``paths``: run or study directories (one path or a list). ``html``/``pdf``: where to write the
     page and the PDF (at least one). Returns ``{"html": Path, "pdf": Path}`` for what was written.
     Raises GradflowError (one line) for bad inputs or when a file cannot be written; then no report
-    file from this call is left behind.
+    file from this call is left behind and a previous report at the same paths is untouched.
     """
     if html is None and pdf is None:
         raise GradflowError("build_report: give html=PATH and/or pdf=PATH (nothing to write)")
@@ -53,19 +54,8 @@ def build_report(paths, html: str | os.PathLike | None = None, pdf: str | os.Pat
         pdf = Path(pdf)
         _check_target(pdf)
         outputs.append(("pdf", pdf, render_pdf(rs, sections, omitted, title, pdf)))
-    written: dict[str, Path] = {}
-    try:
-        for kind, path, data in outputs:
-            _io.write_bytes(path, data)
-            written[kind] = path
-    except BaseException:
-        for path in written.values():
-            try:
-                path.unlink()
-            except OSError:
-                pass
-        raise
-    return written
+    _io.write_files([(path, data) for _, path, data in outputs])
+    return {kind: path for kind, path, _ in outputs}
 
 
 def _check_target(path: Path) -> None:
