@@ -49,9 +49,16 @@ def theme() -> dict:
             "svg.fonttype": "path",
             "pdf.fonttype": 42,
             "axes.prop_cycle": mpl.cycler(color=sns.color_palette("colorblind")),
+            # labels are data: a run label, module name or token class holding "$...$" is drawn as
+            # written, never parsed as mathtext; gradflow's own math labels opt in (MATH)
+            "text.parse_math": False,
         }
     )
     return rc
+
+
+# keyword arguments for the few texts gradflow writes as mathtext itself (fixed axis labels, never data)
+MATH = {"parse_math": True}
 
 
 @contextlib.contextmanager
@@ -227,11 +234,9 @@ def _measure_pt(s: str, size: float, weight: str = "normal", math_: bool = False
 
 
 def line_width_pt(s: str, size: float, weight: str = "normal") -> float:
-    """Width in points of one line of plain text: the sum of its words' measured widths and of the
+    """Width in points of one line of plain text (``$`` is a character, never mathtext): the sum of its words' measured widths and of the
     spaces between them (words are measured once and cached: text measuring is the slow part of
     laying out a report)."""
-    if s.count("$") >= 2:
-        return _measure_pt(s, size, weight, True)
     words = s.split(" ")
     space = _measure_pt("x x", size, weight) - 2 * _measure_pt("x", size, weight)
     return sum(_measure_pt(w, size, weight) for w in words if w) + space * (len(words) - 1)

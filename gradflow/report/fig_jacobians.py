@@ -22,6 +22,7 @@ from ._style import (
     NONFINITE_COLOR,
     PAGE_WIDTH,
     grid_shape,
+    MATH,
     legend_below,
     log10_axis,
     log_scale,
@@ -109,8 +110,8 @@ def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFra
                         pts.set_gid(f"{col}_zero|{run}|{key}")
                 ax.axhline(1.0, color="black", ls="--", lw=0.9)
                 ax.set_xlabel("timestep t")
-                ax.set_ylabel(f"{sym} (mean over batch{', log scale' if logy else ''})")
-                ax.set_title(name + r" of $\partial s_t/\partial s_{t-1}$", loc="left")
+                ax.set_ylabel(f"{sym} (mean over batch{', log scale' if logy else ''})", **MATH)
+                ax.set_title(name + r" of $\partial s_t/\partial s_{t-1}$", loc="left", **MATH)
             if logy:
                 log_scale(ax1, "y")
             if ax2 is not None:
@@ -157,7 +158,7 @@ def _sigma_hist(ax, spectra: pd.DataFrame, labels, colors) -> dict[str, str]:
         notes[lab] = f"{gt1:.0%} of σ > 1" + ("; " + "; ".join(extra) if extra else "")
     ref = ax.axvline(1.0, color="black", ls="--", lw=0.9)
     ref.set_gid("sigma=1")
-    ax.set_xlabel(r"singular value $\sigma$ of $\partial s_t/\partial s_{t-1}$ (log scale)")
+    ax.set_xlabel(r"singular value $\sigma$ of $\partial s_t/\partial s_{t-1}$ (log scale)", **MATH)
     log_scale(ax, "x")
     ax.set_ylabel("fraction of values per bin")
     ax.set_title("distribution of per-step Jacobian singular values (all t, batch items and ranks)", loc="left")
@@ -242,7 +243,7 @@ def fig_products(products: pd.DataFrame | None = None, lyapunov: pd.DataFrame | 
                 ax.set_title(wrap_title(f"{run} — {key}", title_w), loc="left")
                 ax.set_xlabel("distance k (steps)")
                 if ax.get_subplotspec().is_first_col():
-                    ax.set_ylabel(r"$\sigma_i$ of $\partial s_{t_0+k}/\partial s_{t_0}$")
+                    ax.set_ylabel(r"$\sigma_i$ of $\partial s_{t_0+k}/\partial s_{t_0}$", **MATH)
                 ax.tick_params(labelleft=True, labelbottom=True)
                 log10_axis(ax, "y")
             axes[0].set_ylim(ylo, yhi)
@@ -332,7 +333,7 @@ def _lyapunov(ax, fig, lyapunov: pd.DataFrame) -> None:
         ax.text(0.99, 0.04, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
                 color="0.2", bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=1.5))
     ax.set_xlabel("index i (exponents sorted, largest first)")
-    ax.set_ylabel(r"$\lambda_i$ (ln per step)")
+    ax.set_ylabel(r"$\lambda_i$ (ln per step)", **MATH)
     ax.set_title("Lyapunov spectrum (mean over batch ± standard error)", loc="left")
     ax.xaxis.get_major_locator().set_params(integer=True)
     legend_below(fig, hs, ls, max_cols=3, fontsize=7.5)

@@ -116,7 +116,7 @@ def fig_overview(frame: pd.DataFrame, *, width: float = 5.6):
         ax.imshow(np.ma.masked_where(~(np.isneginf(z) & ~bad), np.ones_like(z)),
                   cmap=ListedColormap([UNDERFLOW_COLOR]), **kw)
         ax.imshow(np.ma.masked_where(~bad, np.ones_like(z)), cmap=ListedColormap([NONFINITE_COLOR]), **kw)
-        ax.set_yticks(np.arange(len(labels)) + 0.5, [str(s).replace("$", r"\$") for s in labels], fontsize=7)
+        ax.set_yticks(np.arange(len(labels)) + 0.5, [str(s) for s in labels], fontsize=7)
         ax.grid(False)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
         ax.set_xlabel("timestep t", fontsize=7.5)

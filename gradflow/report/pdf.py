@@ -30,8 +30,9 @@ TEXT_W = PAGE_W - 2 * MARGIN
 
 
 def _esc(s: str) -> str:
-    """Text from data is never mathtext."""
-    return str(s).replace("$", r"\$")
+    """Text from data is never mathtext: drawn under :func:`styled` (``text.parse_math`` off), so
+    ``$`` needs no escaping and is shown as written."""
+    return str(s)
 
 
 def _width_in(s: str, size: float, weight: str = "normal") -> float:

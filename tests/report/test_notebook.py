@@ -121,7 +121,9 @@ def test_overview_figure_marks_zero_and_nonfinite():
     ax = f.axes[0]
     layers = [im.get_array() for im in ax.get_images()]
     assert [int(x.count()) for x in layers] == [3, 1, 1]  # finite, grey (exactly 0), red (NaN)
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", r"b \$x\$"]
+    ticks = ax.get_yticklabels()
+    assert [t.get_text() for t in ticks] == ["a", "b $x$"]  # as written, and not typeset as math:
+    assert all(t._preprocess_math(t.get_text()) == (t.get_text(), False) for t in ticks)
 
 
 def test_figure_is_the_one_the_report_embeds(small_run, tmp_path):
