@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import _io
-from .errors import SpecError
+from .errors import GradflowError, SpecError
 
 __all__ = ["inspect_model"]
 
@@ -47,13 +47,51 @@ def _probe_loss(kind: str, batch_first: bool):
     return loss
 
 
+def _user_error(source: str, what: str, exc: BaseException, extra: str = "") -> SpecError:
+    """One line for an exception raised by the user's code: which factory, which part of it (the
+    factory, its inputs, the model, the loss, the backward pass), the exception type and the first
+    line of its message."""
+    msg = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    return SpecError(f"inspect {source}: {what} raised {type(exc).__name__}" + (f": {msg}" if msg else "") + extra)
+
+
+def _call(source: str, what: str, fn, *args, extra=lambda: ""):
+    try:
+        return fn(*args)
+    except GradflowError:
+        raise
+    except Exception as exc:  # user code: any exception is one line, never a traceback
+        raise _user_error(source, what, exc, extra()) from None
+
+
+def _check_probe_reach(trace, source: str, loss: str, y) -> None:
+    """A probe loss must reach every batch item. With ``--loss last`` on an output whose time and
+    batch axes were flattened ([T·B, V]) the "last step" is one row, i.e. one batch item: then no
+    verdict about the model could be drawn from the trace, so say what happened and what to pass."""
+    for key in trace.keys():
+        n = trace.norm(key)
+        T, B = n.shape
+        if B < 2:
+            return
+        reached = int(((n > 0) & torch.isfinite(n)).any(dim=0).sum())
+        if reached >= B:
+            return
+    shape = list(y.shape) if y is not None else "?"
+    why = (" (time and batch flattened into one axis, so its last row is one batch item's last step)"
+           if y is not None and y.dim() == 2 and y.shape[0] == T * B else "")
+    fix = "pass --loss all, or return a 'loss' callable from the factory" if loss == "last" else \
+        "return a 'loss' callable from the factory that uses every batch item"
+    raise SpecError(f"inspect {source}: with --loss {loss} the probe loss reaches only {reached} of the {B} batch "
+                    f"items: the model's output has shape {shape}{why}; {fix}; nothing was written")
+
+
 def inspect_model(factory: Callable[[], Any], *, run_dir: Path, label: str, shape=None, tokens=None,
                   batch_first=False, loss="last", passes=1, seed=0, source="", echo=lambda s: None) -> Path:
     from . import record
     from .study import analyse_trace
     from .training import gradnorm_rows
 
-    made = factory()
+    made = _call(source, "the factory", factory)
     inputs = loss_fn = None
     if isinstance(made, nn.Module):
         model = made
@@ -67,11 +105,13 @@ def inspect_model(factory: Callable[[], Any], *, run_dir: Path, label: str, shap
                         f"{type(made).__name__}")
     if inputs is None and shape is None:
         raise SpecError("inspect: the factory returned no inputs; give --shape T,B,F")
+    loss_used = "factory" if loss_fn is not None else loss  # what run.json records
+    probe = loss_fn is None
     loss_fn = loss_fn or _probe_loss(loss, batch_first)
 
     def make_inputs(i: int):
         if inputs is not None:
-            v = inputs(seed + i) if callable(inputs) else inputs
+            v = _call(source, "the inputs", inputs, seed + i) if callable(inputs) else inputs
             return v if isinstance(v, tuple) else (v,)
         T, B, F = shape
         g = torch.Generator().manual_seed(seed + i)
@@ -88,16 +128,18 @@ def inspect_model(factory: Callable[[], Any], *, run_dir: Path, label: str, shap
         for i in range(passes):
             model.zero_grad(set_to_none=True)
             args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in make_inputs(i))
-            try:
-                out = model(*args)
-            except (RuntimeError, TypeError) as exc:
-                shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
-                raise SpecError(f"inspect: the model failed on inputs of shape {shapes}: "
-                                f"{str(exc).splitlines()[0]}") from None
-            loss_fn(out).backward()
+            shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+            out = _call(source, "the model", model, *args, extra=lambda: f" (inputs of shape {shapes})")
+            value = _call(source, "the loss", loss_fn, out)
+            if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                raise SpecError(f"inspect {source}: the loss must return a scalar tensor, got "
+                                f"{type(value).__name__}{list(value.shape) if isinstance(value, torch.Tensor) else ''}")
+            _call(source, "the backward pass", value.backward)
             if not rec.traces or len(rec.traces) <= i:
                 raise SpecError("inspect: the backward pass reached no recurrent state (does the loss depend on "
                                 "the recurrent modules?)")
+            if probe:
+                _check_probe_reach(rec.trace, source, loss, _first_tensor(out))
             rows.extend(gradnorm_rows(rec.trace, label, i))
     model.zero_grad(set_to_none=True)
     trace = rec.trace
@@ -106,7 +148,7 @@ def inspect_model(factory: Callable[[], Any], *, run_dir: Path, label: str, shap
 
     doc = {"kind": "run", "schema_version": _io.SCHEMA_VERSION, "name": run_dir.name, "label": label,
            "status": "finished", "diverged_at": None,
-           "spec": {"inspect": source, "shape": list(shape) if shape else None, "tokens": tokens, "loss": loss,
+           "spec": {"inspect": source, "shape": list(shape) if shape else None, "tokens": tokens, "loss": loss_used,
                     "passes": passes, "seed": seed, "batch_first": batch_first},
            "task": {"name": "inspect", "T": trace.shape(trace.keys()[0])[0]},
            "model": {"cell": type(model).__name__, "n_params": sum(p.numel() for p in model.parameters()),
