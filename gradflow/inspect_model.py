@@ -158,9 +158,9 @@ def inspect_model(factory: Callable[[], Any], *, run_dir: Path, label: str, shap
                     "started": _dt.datetime.now().isoformat(timespec="seconds")}}
     trace.save(run_dir / "trace")
     _io.write_csv(run_dir / "gradnorms.csv", pd.DataFrame(rows))
-    from .spec import ANALYSIS_DEFAULTS
+    from .analysis.config import AnalysisConfig
 
-    tables = analyse_trace(trace, dict(ANALYSIS_DEFAULTS))
+    tables = analyse_trace(trace, AnalysisConfig().to_dict())
     for name, df in tables.items():
         df = df.copy()
         df.insert(0, "run", label)

@@ -25,6 +25,8 @@ A spec states a claim and the runs that test it::
     horizon_reference = 1                  # ... its value at this distance (1: past the readout)
     max_rank = 32                          # singular values kept per Jacobian in spectra.csv
     batch_limit = 16                       # sequences used for spectra, products and Lyapunov
+    memory = "2GB"                         # budget of the analysis (gradflow.analysis.AnalysisConfig
+                                           #   lists every key)
 
     [[runs]]                               # one table per run: cell and any overrides
     label = "tanh RNN"
@@ -43,7 +45,7 @@ import copy
 import difflib
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -58,11 +60,7 @@ MODEL_KEYS = {"hidden", "layers", "dropout", "init", "gain", *kinds.model_option
 TRAIN_KEYS = {"steps", "batch", "optimizer", "lr", "momentum", "seed", "device", "clip", "eval_batch",
               "record_every", "record_per_decade", "record_steps", "flush_every"}
 CLIP_KEYS = {"mode", "threshold"}
-ANALYSIS_KEYS = {"warmup", "horizon_fraction", "horizon_reference", "max_rank", "keys", "lyapunov", "products",
-                 "batch_limit"}
 RUN_KEYS = {"label", "cell", "task", "model", "train"} | MODEL_KEYS
-ANALYSIS_DEFAULTS = {"warmup": 0, "horizon_fraction": 1e-3, "horizon_reference": 1, "max_rank": 32, "keys": "all",
-                     "lyapunov": True, "products": True, "batch_limit": 16}
 
 
 @dataclass(frozen=True)
@@ -88,12 +86,17 @@ class StudySpec:
     title: str
     claim: str
     runs: tuple[RunSpec, ...]
-    analysis: Mapping[str, Any] = field(default_factory=dict)
+    analysis: Any = None  # gradflow.analysis.AnalysisConfig (the defaults when None)
     source: str = "<spec>"
+
+    def __post_init__(self):
+        from .analysis.config import AnalysisConfig
+
+        object.__setattr__(self, "analysis", AnalysisConfig.from_mapping(self.analysis, where=f"{self.source}: [analysis]"))
 
     def resolved(self) -> dict:
         return {"name": self.name, "title": self.title, "claim": self.claim,
-                "analysis": dict(self.analysis), "runs": [r.resolved() for r in self.runs]}
+                "analysis": self.analysis.to_dict(), "runs": [r.resolved() for r in self.runs]}
 
 
 def _where(src: str, table: str) -> str:
@@ -155,16 +158,9 @@ def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str
     _check_keys(train, TRAIN_KEYS, source, "train")
     if "clip" in train:
         _check_keys(train["clip"], CLIP_KEYS, source, "train.clip")
-    analysis = dict(doc.get("analysis", {}))
-    _check_keys(analysis, ANALYSIS_KEYS, source, "analysis")
-    analysis = {**ANALYSIS_DEFAULTS, **analysis}
-    _typed(analysis["warmup"], int, source, "analysis", "warmup", "an integer >= 0")
-    hf = _typed(analysis["horizon_fraction"], (int, float), source, "analysis", "horizon_fraction", "a number")
-    if not 0 < hf < 1:
-        raise SpecError(f"{source}: [analysis] horizon_fraction must be in (0, 1), got {hf!r}")
-    hr = _typed(analysis["horizon_reference"], int, source, "analysis", "horizon_reference", "an integer >= 0")
-    if hr < 0:
-        raise SpecError(f"{source}: [analysis] horizon_reference must be an integer >= 0, got {hr!r}")
+    from .analysis.config import AnalysisConfig  # every [analysis] value checked here, before any training
+
+    analysis = AnalysisConfig.from_mapping(doc.get("analysis", {}), where=f"{source}: [analysis]")
     runs = doc.get("runs")
     if not isinstance(runs, list) or not runs:
         raise SpecError(f"{source}: needs at least one [[runs]] table with cell = one of {', '.join(list_cells())}")

@@ -108,10 +108,11 @@ def analyse_run(run_dir: str | Path, analysis: Mapping[str, Any] | None = None, 
     run_dir = Path(run_dir)
     doc = _io.read_json(run_dir / "run.json")
     label = doc.get("label", run_dir.name)
-    from .spec import ANALYSIS_DEFAULTS
+    from .analysis.config import AnalysisConfig
 
-    opts = {**ANALYSIS_DEFAULTS, **dict(analysis or {})}
-    opts.setdefault("per_step_loss", (doc.get("task") or {}).get("readout") == "all")
+    opts = AnalysisConfig.from_mapping(analysis, where=f"{run_dir}: analysis").to_dict()
+    if opts["per_step_loss"] is None:
+        opts["per_step_loss"] = (doc.get("task") or {}).get("readout") == "all"
     if not (run_dir / "trace" / "trace.json").exists():
         tables = {"summary": pd.DataFrame([{
             "key": "(run)", "verdict": _status_verdict(doc) or "no trace recorded",

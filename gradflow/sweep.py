@@ -438,7 +438,7 @@ def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", worke
         raise GradflowError(f"{out / 'study.json'}: not a gradflow study file")
     out.mkdir(parents=True, exist_ok=True)
     say = echo or (lambda s: None)
-    analysis = dict(sweep.study.analysis)
+    analysis = sweep.study.analysis.to_dict()
     runs = sweep.runs
     outcomes: list[RunOutcome | None] = [None] * len(runs)
     jobs = []

@@ -39,7 +39,7 @@ def test_horizon_reference_is_checked(value, ok):
     doc = tomllib.loads(resources.files("gradflow.specs").joinpath("demo.toml").read_text())
     doc.setdefault("analysis", {})["horizon_reference"] = value
     if ok:
-        assert parse_spec(doc, source="demo.toml").analysis["horizon_reference"] == value
+        assert parse_spec(doc, source="demo.toml").analysis.horizon_reference == value
     else:
         with pytest.raises(SpecError, match=r"demo\.toml.*horizon_reference"):
             parse_spec(doc, source="demo.toml")
