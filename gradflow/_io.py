@@ -7,6 +7,7 @@ half-written file under the final name.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -163,14 +164,68 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def read_json(path: Path) -> Any:
-    path = Path(path)
+MAX_JSON_DEPTH = 64  # gradflow's own files nest a few levels; deeper is damage (or an attack on the parser)
+MAX_INT_DIGITS = 20  # every integer gradflow writes fits in 64 bits
+
+
+class _TooManyDigits(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _TooManyDigits(f"an integer of {len(text.lstrip('-'))} digits (gradflow's integers have at most "
+                             f"{MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_JSON_DEPTH:
+                return d
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
         raise GradflowError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise GradflowError(f"{path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise GradflowError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; every way it can be damaged is one GradflowError naming ``path``: missing,
+    unreadable, not UTF-8, not JSON, an integer of more than 20 digits, nested deeper than 64 levels."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GradflowError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                            "gradflow's JSON files are UTF-8") from None
+    try:
+        obj = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise GradflowError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except _TooManyDigits as exc:
+        raise GradflowError(f"{path}: not a gradflow file: it holds {exc}") from None
+    except RecursionError:
+        raise GradflowError(f"{path}: not a gradflow file: JSON nested too deeply to read") from None
+    except ValueError as exc:  # e.g. a number the float parser refuses
+        raise GradflowError(f"{path}: not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if _depth(obj) > MAX_JSON_DEPTH:
+        raise GradflowError(f"{path}: not a gradflow file: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return obj
 
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -180,15 +235,41 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     _atomic_write(path, w)
 
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read with ``allow_pickle=False``. A missing, truncated or
+    damaged file, a file that is no zip archive at all, a member that is not an array and a member
+    holding pickled Python objects each give one GradflowError naming ``path`` (and the member)."""
+    import zipfile
+    import zlib
+
     path = Path(path)
+    raw = _read_bytes(path)
+    if not raw.startswith(_ZIP_MAGIC):
+        what = "an empty file" if not raw else ("a single .npy array" if raw.startswith(b"\x93NUMPY") else
+                                                 "not a zip archive")
+        raise GradflowError(f"{path}: not an .npz archive ({what})")
+    member = None
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise GradflowError(f"{path}: file not found") from None
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            out = {}
+            for member in z.files:
+                out[member] = z[member]
+            return out
     except ValueError as exc:
-        raise GradflowError(f"{path}: not a plain-array .npz file ({exc})") from None
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        where = f"member {member!r}: " if member is not None else ""
+        if "pickle" in msg or "Object arrays" in msg:
+            raise GradflowError(f"{path}: {where}holds Python objects (pickled data), which gradflow never "
+                                "loads") from None
+        raise GradflowError(f"{path}: damaged .npz archive ({where}{msg})") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, IndexError, TypeError,
+            NotImplementedError, MemoryError, OverflowError, RuntimeError) as exc:
+        where = f"member {member!r}: " if member is not None else ""
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GradflowError(f"{path}: damaged .npz archive ({where}{msg})") from None
 
 
 def write_csv(path: Path, frame) -> None:
@@ -206,6 +287,9 @@ def read_csv(path: Path):
 
 
 def check_schema(path: Path, meta: Mapping[str, Any], kind: str) -> None:
+    if not isinstance(meta, dict):
+        raise GradflowError(f"{path}: not a gradflow {kind} file (expected a JSON object, found a "
+                            f"{type(meta).__name__})")
     if meta.get("kind") != kind:
         raise GradflowError(f"{path}: not a gradflow {kind} file (kind={meta.get('kind')!r})")
     v = meta.get("schema_version")

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from .. import _io
@@ -35,6 +36,20 @@ _TEXT_COLUMNS = {"run", "key", "module", "state", "gate", "token_class", "when",
 _REQUIRED_TEXT = {"run", "key", "gate", "token_class", "when", "state"}
 # columns holding flags: accept bool, 0/1 and true/false spellings
 _BOOL_COLUMNS = {"clipped", "horizon_censored", "underflow"}
+# value ranges (NaN is allowed: a missing value; the figures say so): column -> (low, high, what)
+_RANGES = {
+    **{c: (0.0, math.inf, "a singular value or spectral radius") for c in ("sigma", "sigma_max", "sigma_min",
+                                                                             "spectral_radius")},
+    **{c: (0.0, math.inf, "a norm") for c in ("grad_norm_before", "grad_norm_after")},
+    **{c: (0.0, 1.0, "a fraction") for c in ("frac_zero", "frac_nonfinite", "frac_gt1", "fraction")},
+    "stderr": (0.0, math.inf, "a standard error"),
+    "horizon": (0.0, math.inf, "a number of steps"),
+    "cosine": (-1.0 - 1e-6, 1.0 + 1e-6, "a cosine"),
+}
+# text columns with a fixed set of values
+_CHOICES = {"when": ("before", "after")}
+# columns that index something: finite whole numbers >= 0 (direction: 0 or 1)
+_INDEX_COLUMNS = {"t", "b", "rank", "step", "distance", "n", "layer", "direction"}
 
 
 @dataclass(frozen=True)
@@ -259,6 +274,12 @@ def read_table(path: Path, name: str) -> pd.DataFrame:
                 i = int(df[col].isna().to_numpy().nonzero()[0][0])
                 raise GradflowError(f"{path}: column {col!r} is empty in row {i + 2}")
             df[col] = df[col].fillna("").astype(str)
+            if col in _CHOICES:
+                bad = ~df[col].isin(_CHOICES[col])
+                if bad.any():
+                    i = int(bad.to_numpy().nonzero()[0][0])
+                    raise GradflowError(f"{path}: column {col!r} must be one of {', '.join(_CHOICES[col])}; "
+                                        f"row {i + 2} holds {df[col].iloc[i]!r}")
             continue
         if col in _BOOL_COLUMNS:
             df[col] = _to_bool(df[col], path, col)
@@ -271,7 +292,29 @@ def read_table(path: Path, name: str) -> pd.DataFrame:
                 f"{path}: column {col!r} must be numeric, row {i + 2} holds {df[col].iloc[i]!r}"
             )
         df[col] = num.astype(float) if num.dtype.kind not in "iu" else num
+        _check_range(df[col], path, col)
     return df
+
+
+def _check_range(v: pd.Series, path: Path, col: str) -> None:
+    """Values a table of this kind cannot hold (a negative singular value, a fraction above 1, a
+    timestep -1 or 2.5) are damage: one error naming the file, column and row."""
+    x = v.to_numpy(dtype=float)
+    if col in _INDEX_COLUMNS:
+        hi = 1 if col == "direction" else math.inf
+        with np.errstate(invalid="ignore"):
+            bad = ~(np.isfinite(x) & (x >= 0) & (x <= hi) & (np.floor(x) == x))
+        what = "0 or 1" if col == "direction" else "a whole number >= 0"
+    elif col in _RANGES:
+        lo, hi, noun = _RANGES[col]
+        with np.errstate(invalid="ignore"):
+            bad = (x < lo) | (x > hi)
+        what = f"{noun}, between {lo:g} and {hi:g}" if math.isfinite(hi) else f"{noun}, >= {lo:g}"
+    else:
+        return
+    if bad.any():
+        i = int(bad.nonzero()[0][0])
+        raise GradflowError(f"{path}: column {col!r} must be {what}; row {i + 2} holds {float(x[i])!r}")
 
 
 def _to_bool(s: pd.Series, path: Path, col: str) -> pd.Series:
