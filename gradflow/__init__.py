@@ -49,7 +49,10 @@ _LAZY: dict[str, str] = {
         # adjoint, distance, gates, frames
         "direct_gradients", "adjoint_log_norms", "gradient_matrix", "GradientMatrix", "total_log10_norms",
         "DistanceProfile", "Profile", "distance_profile", "gate_statistics", "spectra_tables", "spectra_table",
-        "spectra_summary_table", "products_table", "lyapunov_table", "verdicts", "analyze",
+        "spectra_summary_table", "products_table", "lyapunov_table", "verdicts",
+        # config, plan, streaming, pipeline
+        "AnalysisConfig", "parse_memory", "Plan", "plan_unit", "distribution_steps", "log_distances",
+        "ChunkedLinearization", "chunked_linearization", "analyze_trace", "plan_trace", "resolve_device",
     ), "analysis"),
 }
 

@@ -86,9 +86,14 @@ def _check_probe_reach(trace, source: str, loss: str, y) -> None:
 
 
 def inspect_model(factory: Callable[[], Any], *, run_dir: Path, label: str, shape=None, tokens=None,
-                  batch_first=False, loss="last", passes=1, seed=0, source="", echo=lambda s: None) -> Path:
+                  batch_first=False, loss="last", passes=1, seed=0, source="", echo=lambda s: None,
+                  analysis=None) -> Path:
+    """Record ``passes`` backward passes of the factory's model and analyse the last one into ``run_dir``
+    (``analysis``: an AnalysisConfig or mapping; its plan is made, printed through ``echo`` and checked
+    against the memory budget before anything is written)."""
     from . import record
-    from .study import analyse_trace
+    from .analysis.config import AnalysisConfig
+    from .analysis.pipeline import analyze_trace, plan_trace
     from .training import gradnorm_rows
 
     made = _call(source, "the factory", factory)
@@ -143,6 +148,13 @@ def inspect_model(factory: Callable[[], Any], *, run_dir: Path, label: str, shap
             rows.extend(gradnorm_rows(rec.trace, label, i))
     model.zero_grad(set_to_none=True)
     trace = rec.trace
+    trace.meta["device"] = str(dev)
+    cfg = AnalysisConfig.from_mapping(analysis, where="inspect: analysis")
+    if cfg.per_step_loss is None:
+        cfg = cfg.replace(per_step_loss=False)  # the probe's δ_t, as recorded
+    plans = plan_trace(trace, cfg)  # an over-budget unit stops here, before anything is written
+    for p in plans.values():
+        echo(f"plan {p.describe()}")
     run_dir = Path(run_dir)
     import pandas as pd
 
@@ -158,9 +170,8 @@ def inspect_model(factory: Callable[[], Any], *, run_dir: Path, label: str, shap
                     "started": _dt.datetime.now().isoformat(timespec="seconds")}}
     trace.save(run_dir / "trace")
     _io.write_csv(run_dir / "gradnorms.csv", pd.DataFrame(rows))
-    from .analysis.config import AnalysisConfig
-
-    tables = analyse_trace(trace, AnalysisConfig().to_dict())
+    tables = analyze_trace(trace, cfg, plans=plans)
+    doc["analysis"] = {"config": cfg.to_dict(), "plans": [p.to_json() for p in plans.values()]}
     for name, df in tables.items():
         df = df.copy()
         df.insert(0, "run", label)

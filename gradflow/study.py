@@ -21,11 +21,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from . import _io, kinds
+from . import _io
 from .errors import GradflowError
 from .spec import StudySpec, build_run
 
-__all__ = ["run_study", "analyse_run", "analyse_trace"]
+__all__ = ["run_study", "analyse_run"]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -62,7 +62,7 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True,
             say(f"{r.label}: {res.status}" + (f" at step {res.diverged_at}" if res.diverged_at is not None else "")
                 + (f", eval metric {res.result.get('eval_metric'):.3g}" if res.result.get("eval_metric") is not None
                    else ""))
-        analyse_run(run_dir, spec.analysis, spec_run=r)
+        analyse_run(run_dir, spec.analysis, spec_run=r, echo=echo)
     _io.write_json(existing, {"kind": "study", "schema_version": _io.SCHEMA_VERSION, "name": spec.name,
                               "title": spec.title, "claim": spec.claim, "spec": spec.resolved(), "runs": rel})
     return out
@@ -99,10 +99,13 @@ def _finished(run_dir: Path, resolved: Mapping) -> bool:
         doc.get("status") == "diverged" or (run_dir / "trace" / "trace.json").exists())
 
 
-def analyse_run(run_dir: str | Path, analysis: Mapping[str, Any] | None = None, *, spec_run=None,
-                classes: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
-    """Compute the analysis tables of a run directory from its saved ``trace/`` and write them as
-    CSV next to it. A diverged run without a final trace gets only a summary row."""
+def analyse_run(run_dir: str | Path, analysis=None, *, spec_run=None, classes: np.ndarray | None = None,
+                echo: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
+    """Compute the analysis tables of a run directory from its saved ``trace/`` along the plan of each
+    unit (:func:`gradflow.analysis.analyze_trace`; ``analysis``: an AnalysisConfig or a mapping) and
+    write them as CSV next to it; the config and the plans go into ``run.json`` (``analysis``). A
+    diverged run without a final trace gets only a summary row."""
+    say = echo or (lambda s: None)
     from .trace import Trace
 
     run_dir = Path(run_dir)
@@ -110,9 +113,9 @@ def analyse_run(run_dir: str | Path, analysis: Mapping[str, Any] | None = None, 
     label = doc.get("label", run_dir.name)
     from .analysis.config import AnalysisConfig
 
-    opts = AnalysisConfig.from_mapping(analysis, where=f"{run_dir}: analysis").to_dict()
-    if opts["per_step_loss"] is None:
-        opts["per_step_loss"] = (doc.get("task") or {}).get("readout") == "all"
+    cfg = AnalysisConfig.from_mapping(analysis, where=f"{run_dir}: analysis")
+    if cfg.per_step_loss is None:
+        cfg = cfg.replace(per_step_loss=(doc.get("task") or {}).get("readout") == "all")
     if not (run_dir / "trace" / "trace.json").exists():
         tables = {"summary": pd.DataFrame([{
             "key": "(run)", "verdict": _status_verdict(doc) or "no trace recorded",
@@ -121,7 +124,13 @@ def analyse_run(run_dir: str | Path, analysis: Mapping[str, Any] | None = None, 
         trace = Trace.load(run_dir / "trace")
         if classes is None and spec_run is not None:
             classes = _eval_classes(spec_run, trace)
-        tables = analyse_trace(trace, opts, classes=classes)
+        from .analysis.pipeline import analyze_trace, plan_trace
+
+        plans = plan_trace(trace, cfg)
+        for p in plans.values():
+            say(f"{label}: plan {p.describe()}")
+        tables = analyze_trace(trace, cfg, classes=classes, plans=plans)
+        doc["analysis"] = {"config": cfg.to_dict(), "plans": [p.to_json() for p in plans.values()]}
         sv = _status_verdict(doc)
         if sv:
             tables["summary"] = pd.concat([pd.DataFrame([{"key": "(run)", "verdict": sv, "detail": ""}]),
@@ -134,93 +143,9 @@ def analyse_run(run_dir: str | Path, analysis: Mapping[str, Any] | None = None, 
         df.insert(0, "run", label)
         _io.write_csv(run_dir / f"{name}.csv", df)
         tables[name] = df
+    if "analysis" in doc:
+        _io.write_json(run_dir / "run.json", doc)
     return tables
-
-
-def _log_distances(T: int, n: int = 12) -> list[int]:
-    """About ``n`` log-spaced distances in 1..T (always including 1 and T)."""
-    ds = np.unique(np.round(np.geomspace(1, T, num=min(n, T))).astype(int))
-    return [int(d) for d in ds]
-
-
-def analyse_trace(trace, opts: Mapping[str, Any], classes: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
-    """All analysis tables for every unit of a keep='states' trace (without the ``run`` column).
-
-    Distance, decay and gate statistics use the whole batch; Jacobian spectra, products over
-    distance and Lyapunov exponents (the joint state of a unit, computed once per unit from its h
-    key) use the first ``batch_limit`` sequences, and products are evaluated at ~12 log-spaced
-    distances. With ``per_step_loss`` (tasks with a loss at every step) the distance profile is
-    built from G[s, t] = ||∂L_s/∂s_t|| over the same sequences instead of the summed loss's δ_t."""
-    from . import analysis as A
-
-    parts: dict[str, list[pd.DataFrame]] = {}
-    want = opts.get("keys", "all")
-    keys = trace.keys()
-    if want != "all":
-        keys = [k for k in keys if str(k) in set(want)]
-        if not keys:
-            raise GradflowError(f"analysis keys {want!r} match none of {', '.join(map(str, trace.keys()))}")
-    T, B = trace.shape(keys[0])
-    small = trace.subset(slice(0, int(opts.get("batch_limit", 16))))
-    warmup = min(int(opts.get("warmup", 0)), max(T - 2, 0))
-    frac = opts.get("horizon_fraction", 1e-3)
-    ref = int(opts.get("horizon_reference", 1))
-    per_step = bool(opts.get("per_step_loss", False))
-    for k in keys:
-        primary = k.state == trace.cell(k).states[0]
-        summ = lyap = None
-        joint = None
-        if per_step:
-            # a loss at every step: every position gets a direct gradient, so the summed loss's δ_t says
-            # nothing about distance. Use G[s, t] = ||∂L_s/∂s_t|| (joint state) from the adjoint sweep.
-            if not primary:
-                continue
-            prof = A.distance_profile(A.gradient_matrix(small, k), fraction=frac, reference=ref)
-        else:
-            prof = A.distance_profile(trace, k, fraction=frac, reference=ref)
-        tabs = {"distance": prof.table, "decay": prof.decay}
-        if not per_step and len(trace.cell(k).states) > 1 and primary:
-            joint = _joint_profile(trace, k, frac, ref)
-            for name in ("distance", "decay"):
-                tabs[name] = pd.concat([tabs[name], getattr(joint, "table" if name == "distance" else "decay")],
-                                       ignore_index=True)
-        if k.state == "h":
-            spectra, summ = A.spectra_tables(small, k, max_rank=opts.get("max_rank"))
-            tabs.update(spectra=spectra, spectra_summary=summ)
-            if opts.get("products", True):
-                ds = _log_distances(T)
-                tabs["products"] = A.products_table(A.product_spectrum(small, k, distances=ds), k, ds)
-            if opts.get("lyapunov", True) and T - warmup >= 2:
-                lyap = A.lyapunov_table(A.lyapunov_spectrum(small, k, warmup=warmup), k)
-                tabs["lyapunov"] = lyap
-            if kinds.get(trace.cell(k).kind).gates:
-                tabs["gates"] = A.gate_statistics(trace, k, classes=classes)
-        if len(trace.cell(k).states) == 1 or per_step:
-            tabs["summary"] = A.verdicts(prof.decay, summ, lyap, prof.nonfinite, prof.table)
-        elif joint is not None:  # LSTM: one verdict on the joint state (h, c), where the memory lives
-            v = A.verdicts(joint.decay, None, None, pd.concat([prof.nonfinite, joint.nonfinite]), joint.table)
-            extra = A.verdicts(None, summ, lyap, None, None)
-            if len(extra):
-                v["detail"] = v["detail"] + "; " + extra["detail"].iloc[0]
-            tabs["summary"] = v
-        for name, df in tabs.items():
-            if df is not None and len(df):
-                parts.setdefault(name, []).append(df)
-    return {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()}
-
-
-def _joint_profile(trace, key, fraction, reference=1):
-    """Distance profile of the joint state's gradient norm sqrt(Σ_states ||dL/ds_t||²) of a
-    multi-state cell (LSTM: h and c), reported under the key ``<unit>/hc``."""
-    from . import analysis as A
-
-    states = trace.cell(key).states
-    sq = sum(trace.norm(key.with_state(s)) ** 2 for s in states)
-    with np.errstate(divide="ignore"):
-        logn = np.log10(np.sqrt(sq.numpy()))
-    label = str(key.with_state("".join(states)))
-    return A.distance_profile(logn, label, direction=key.direction, mask=trace.mask(key), fraction=fraction,
-                              reference=reference)
 
 
 def _eval_classes(spec_run, trace) -> np.ndarray | None:

@@ -12,18 +12,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import kinds
 from ..errors import GradflowError
 from ..tables import TABLES
 from ..trace import Trace
 from . import _util
-from .distance import distance_profile
 from .jacobian import linearize_trace
-from .products import LyapunovResult, lyapunov_spectrum, product_spectrum
+from .products import LyapunovResult
 from .spectra import singular_values, step_summary
 
 __all__ = ["spectra_tables", "spectra_table", "spectra_summary_table", "products_table", "lyapunov_table",
-           "verdicts", "analyze"]
+           "verdicts"]
 
 LOG10E = 1 / math.log(10.0)
 
@@ -194,23 +192,3 @@ def verdicts(decay: pd.DataFrame | None = None, spectra_summary: pd.DataFrame | 
             detail.append(ref_note)
         rows.append({"key": key, "verdict": verdict or "no evidence", "detail": "; ".join(detail)})
     return pd.DataFrame(rows, columns=_cols("summary"))
-
-
-def analyze(trace: Trace, key, *, warmup: int = 0, max_rank: int | None = None, distances=None,
-            classes=None, radius: bool = True, **profile) -> dict[str, pd.DataFrame]:
-    """Every table for one key: distance, decay, spectra, spectra_summary, products, lyapunov, gates
-    (kinds with gates only), summary — keyed by table name, without the ``run`` column."""
-    from .gates import gate_statistics
-
-    k = _util.resolve(trace, key)
-    prof = distance_profile(trace, k, **profile)
-    spectra, summ = spectra_tables(trace, k, radius=radius, max_rank=max_rank)
-    out = {"distance": prof.table, "decay": prof.decay, "spectra": spectra, "spectra_summary": summ}
-    ls = product_spectrum(trace, k, distances=distances)
-    out["products"] = products_table(ls, k, distances)
-    lyap = lyapunov_table(lyapunov_spectrum(trace, k, warmup=warmup), k)
-    out["lyapunov"] = lyap
-    if kinds.get(trace.cell(k).kind).gates:
-        out["gates"] = gate_statistics(trace, k, classes=classes)
-    out["summary"] = verdicts(prof.decay, summ, lyap, prof.nonfinite, prof.table)
-    return out

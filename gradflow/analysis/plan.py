@@ -11,8 +11,9 @@ budget of an :class:`~gradflow.analysis.AnalysisConfig`, :func:`plan_unit` choos
   structure, or T·B dense factorisations under ~2 Gflop), else ``spectra_steps`` evenly spaced ones.
   σ_max is computed at every step whatever the route (matrix-free where needed); σ_min, the fraction
   of σ > 1 and the spectral radius ρ at the distribution steps (ρ only on the dense and exact routes);
-* **products** over distance and the **Lyapunov** spectrum: all S directions when S ≤ ``dense_max``
-  or the structure is diagonal, else the top k;
+* **products** over distance: all S directions (an S-column QR frame; exact per-unit products for a
+  diagonal structure); the **Lyapunov** spectrum: all S directions when S ≤ ``dense_max`` or the
+  structure is diagonal, else the top k;
 * the **chunk**: timesteps whose Jacobian work is held in memory at once, the largest that keeps the
   estimated peak within the budget. When not even one step fits, :func:`plan_unit` raises a one-line
   GradflowError naming the unit, S, T, B, the budget and the option that changes it.
@@ -151,7 +152,7 @@ def plan_unit(unit: str, *, S: int, T: int, B: int, structure: str, config: Anal
         per = 10.0 * S ** 3 if route == "dense" else 2.0 * krylov_basis(S, k) * 8 * S * S
         steps = tuple(range(T)) if T * B * per <= _CHEAP_FLOPS else distribution_steps(T, cfg.spectra_steps)
     full = route != "top-k"
-    n_prod = (S if full else min(cfg.k, S)) if want_p else 0
+    n_prod = S if want_p else 0  # products over distance: every direction (QR of the S-column frame)
     n_lyap = (S if full else min(cfg.k, S)) if want_l else 0
     # T-independent state of the sweeps: QR frames (products also keep their triangle, lyapunov its R)
     fixed = 0

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import gradflow
-from gradflow.analysis import (LyapunovResult, analyze, lyapunov_table, products_table, spectra_table, verdicts)
+from gradflow.analysis import (AnalysisConfig, LyapunovResult, analyze_trace, lyapunov_table, products_table,
+                               spectra_table, verdicts)
 from gradflow.tables import check_columns
 
 from . import helpers as h
@@ -18,7 +19,7 @@ from . import helpers as h
 
 def test_analyze_produces_every_table_in_schema():
     tr, key, _ = h.make_trace("lstm", T=12, B=3, H=3, lengths=[12, 9, 12])
-    out = analyze(tr, key, warmup=2)
+    out = analyze_trace(tr, AnalysisConfig(warmup=2, keys=[str(key)], max_rank=6))
     assert set(out) == {"distance", "decay", "spectra", "spectra_summary", "products", "lyapunov", "gates", "summary"}
     for name, df in out.items():
         check_columns(name, [*df.columns, "run"])

@@ -302,14 +302,14 @@ def test_lstm_joint_profile_is_the_norm_of_the_concatenated_state_gradient(tmp_p
     from torch import nn
 
     import gradflow
-    from gradflow.study import analyse_trace
+    from gradflow.analysis import analyze_trace
 
     torch.manual_seed(0)
     m = nn.LSTM(3, 5).double()
     with gradflow.record(m, keep="states") as rec:
         out, _ = m(torch.randn(12, 6, 3, dtype=torch.float64))
         out[-1].pow(2).sum().backward()
-    tabs = analyse_trace(rec.trace, {"warmup": 0, "horizon_fraction": 1e-3, "max_rank": 4, "batch_limit": 6})
+    tabs = analyze_trace(rec.trace, {"warmup": 0, "horizon_fraction": 1e-3, "max_rank": 4, "batch_limit": 6})
     joint = tabs["distance"][tabs["distance"]["key"] == "<root>/l0/d0/hc"].sort_values("distance")
     g = torch.cat([rec.trace.grad("<root>/l0/d0/h"), rec.trace.grad("<root>/l0/d0/c")], -1)
     logn = torch.log10(torch.linalg.vector_norm(g, dim=-1)).numpy()  # [T, B]

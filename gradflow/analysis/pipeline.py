@@ -1,0 +1,279 @@
+"""The one orchestrator of the analysis: every table of a trace, planned and streamed.
+
+:func:`analyze_trace` is what the CLI (``run``, ``inspect``, ``sweep``), studies and the Lightning
+callback call. For each unit it first makes a :class:`~gradflow.analysis.plan.Plan`
+(:func:`plan_trace`), then computes:
+
+* ``distance`` / ``decay``: from the recorded gradient norms of the whole batch (O(T·B));
+* ``spectra`` (the distribution of singular values at the plan's steps: all S on the dense and exact
+  routes, the top k on the matrix-free one) and ``spectra_summary`` (per step, mean over the batch):
+  σ_max at **every** step (matrix-free block Krylov with k = 1 at steps without a distribution);
+  σ_min, the fraction of σ > 1 and ρ at the distribution steps (NaN elsewhere). On the top-k route
+  σ_min is not known (NaN), the fraction of σ > 1 is exact where σ_k ≤ 1 (NaN otherwise), and ρ is
+  not computed (NaN): no matrix-free route gives it reliably for a non-normal J;
+* ``products`` (log-spaced distances, all directions) and ``lyapunov`` (all directions or the top k,
+  as planned);
+* ``gates`` for kinds with gates, and the ``summary`` verdicts.
+
+Jacobian work runs over the first ``batch_limit`` sequences, one chunk of ``plan.chunk`` timesteps
+at a time (:class:`~gradflow.analysis.streaming.ChunkedLinearization`): the per-step Jacobians
+[T, B, S, S] are formed only a chunk at a time and only on the dense route; the trace is read in
+place, never copied per quantity (the batch subset is one ``index_select``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import kinds
+from ..errors import GradflowError
+from ..trace import Trace
+from . import _util
+from .config import AnalysisConfig
+from .adjoint import gradient_matrix
+from .distance import distance_profile
+from .frames import lyapunov_table, products_table, spectra_summary_table, spectra_table, verdicts
+from .gates import gate_statistics
+from .plan import Plan, krylov_basis, plan_unit
+from .products import lyapunov_exponents, product_singular_values
+from .spectra import singular_values, step_summary, top_singular_values
+from .streaming import chunked_linearization
+
+__all__ = ["analyze_trace", "plan_trace", "resolve_device"]
+
+_SIGMA_MAX_TOL = 1e-6  # relative tolerance of σ_max at steps without a distribution
+_SIGMA_MAX_BASIS = 24
+
+
+def _config(config) -> AnalysisConfig:
+    if config is None:
+        return AnalysisConfig()
+    if isinstance(config, AnalysisConfig):
+        return config
+    return AnalysisConfig.from_mapping(config, where="analysis options")
+
+
+def resolve_device(trace: Trace, config: AnalysisConfig) -> torch.device:
+    """``config.device``, else the trace's recording device when it is CUDA and CUDA is available, else CPU."""
+    want = config.device
+    if want is None:
+        rec = str(trace.meta.get("device", "cpu"))
+        want = rec if rec.startswith("cuda") and torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise GradflowError(f"analysis device={want!r}: CUDA is not available here; use device='cpu'")
+    return torch.device(want)
+
+
+def _keys(trace: Trace, cfg: AnalysisConfig):
+    keys = trace.keys()
+    if cfg.keys != "all":
+        keys = [k for k in keys if str(k) in set(cfg.keys)]
+        if not keys:
+            raise GradflowError(f"analysis keys {list(cfg.keys)!r} match none of {', '.join(map(str, trace.keys()))}")
+    return keys
+
+
+def _primary(trace, k) -> bool:
+    return k.state == trace.cell(k).states[0]
+
+
+def plan_trace(trace: Trace, config=None) -> dict[str, Plan]:
+    """The :class:`Plan` of every analysed unit, keyed by its primary state key (``str``); raises a
+    one-line GradflowError when a unit cannot fit the memory budget."""
+    cfg = _config(config)
+    out = {}
+    for k in _keys(trace, cfg):
+        if not _primary(trace, k):
+            continue
+        T, B = trace.shape(k)
+        S = _util.joint_size(trace.cell(k))
+        warm = min(cfg.warmup, max(T - 2, 0))
+        out[str(k)] = plan_unit(str(k), S=S, T=T, B=min(B, cfg.batch_limit), structure=kinds.get(trace.cell(k).kind).structure,
+                                config=cfg, lyapunov=cfg.lyapunov and T - warm >= 2)
+    return out
+
+
+# ---------------------------------------------------------------------------------- spectra
+def _bad_steps(lin) -> torch.Tensor | None:
+    """[T, B] True where the step's linearization holds NaN/Inf (its Jacobian is non-finite)."""
+    parts = list(lin.coef.values()) if lin.step is None else [lin.x, *lin.prev]
+    T, B = lin.shape[:2]
+    if any(not bool(torch.isfinite(w).all()) for w in lin.weights.values()):
+        return torch.ones(T, B, dtype=torch.bool)  # non-finite weights: every step is
+    bad = None
+    for v in parts:
+        b = ~torch.isfinite(v).flatten(2).all(-1)
+        bad = b if bad is None else bad | b
+    return bad
+
+
+def _masked_out(lin, bad):
+    """The same linearization with the steps ``bad`` [T, B] replaced by the identity."""
+    from dataclasses import replace
+
+    if bad is None or not bool(bad.any()):
+        return lin
+    keep = ~bad if lin.mask is None else lin.mask & ~bad
+    coef = {k: torch.nan_to_num(v) for k, v in lin.coef.items()}
+    return replace(lin, coef=coef, mask=keep)
+
+
+def _top(lin, k, bad, **kw) -> torch.Tensor:
+    sv = top_singular_values(_masked_out(lin, bad), k, **kw).to(torch.float64)
+    if bad is not None and bool(bad.any()):
+        sv[bad] = math.nan
+    return sv
+
+
+def _spectra(small: Trace, key, plan: Plan, cfg: AnalysisConfig, device):
+    """(spectra rows, summary tensors [T, B]) of one unit along the plan, chunk by chunk."""
+    T, B, S = plan.T, plan.B, plan.S
+    mask = small.mask(key)
+    op = chunked_linearization(small, key, chunk=plan.chunk, step_order=False,
+                               device=None if device.type == "cpu" else device)
+    nan = lambda: torch.full((T, B), math.nan, dtype=torch.float64)  # noqa: E731
+    summ = {"sigma_max": nan(), "sigma_min": nan(), "frac_gt1": nan(), "spectral_radius": nan()}
+    want = torch.zeros(T, dtype=torch.bool)
+    want[list(plan.steps)] = True
+    rows = []
+    r = min(plan.k, cfg.max_rank)
+    for a in range(0, T, plan.chunk):
+        b = min(T, a + plan.chunk)
+        lin = op.positions(a, b)
+        pos = torch.arange(a, b)
+        sel, other = pos[want[a:b]], pos[~want[a:b]]
+        if plan.spectra == "exact":
+            sv = lin.moduli().sort(-1, descending=True).values.to(torch.float64).cpu()
+            sv[torch.isnan(sv).any(-1)] = math.nan
+            summ["sigma_max"][a:b], summ["sigma_min"][a:b] = sv[..., 0], sv[..., -1]
+            fr = (sv > 1).to(torch.float64).mean(-1)
+            fr[torch.isnan(sv[..., 0])] = math.nan
+            summ["frac_gt1"][a:b] = fr
+            summ["spectral_radius"][a:b] = sv[..., 0]
+            rows.append(_rows(sv, key, r, mask[a:b], a))
+            continue
+        if len(sel):
+            sub = lin.select(sel - a)
+            if plan.spectra == "dense":
+                J = sub.dense()
+                sv = singular_values(J, on_nonfinite="nan")
+                st = step_summary(J, radius=plan.radius, sigma=sv, on_nonfinite="nan")
+                sv = sv.to(torch.float64).cpu()
+                for c in summ:
+                    if c in st:
+                        summ[c][sel] = st[c].to(torch.float64).cpu()
+                del J
+            else:
+                sv = _top(sub, plan.k, _bad_steps(sub), max_basis=krylov_basis(S, plan.k)).cpu()
+                summ["sigma_max"][sel] = sv[..., 0]
+                exact = sv[..., -1] <= 1  # every σ > 1 is among the top k
+                fr = (sv > 1).to(torch.float64).sum(-1) / S
+                summ["frac_gt1"][sel] = torch.where(exact, fr, torch.full_like(fr, math.nan))
+            rows.append(_rows(sv, key, r, mask[sel], sel))
+        if len(other):
+            sub = lin.select(other - a)
+            top1 = _top(sub, 1, _bad_steps(sub), tol=_SIGMA_MAX_TOL, max_basis=min(S, _SIGMA_MAX_BASIS))
+            summ["sigma_max"][other] = top1[..., 0].cpu()
+    spectra = pd.concat(rows, ignore_index=True) if rows else spectra_table(torch.zeros(0, B, r), key)
+    return spectra, summ
+
+
+def _rows(sv, key, r, mask, positions) -> pd.DataFrame:
+    """spectra rows of singular values [n, B, ≥r] at ``positions`` (an offset or an index tensor)."""
+    df = spectra_table(sv, key, max_rank=r, mask=mask)
+    if isinstance(positions, int):
+        df["t"] = df["t"] + positions
+    else:
+        df["t"] = positions.numpy()[df["t"].to_numpy()]
+    return df
+
+
+# ---------------------------------------------------------------------------------- products, Lyapunov
+def _products(small, key, plan: Plan):
+    op = chunked_linearization(small, key, chunk=plan.chunk, dtype=torch.float64)
+    ds = list(plan.distances)
+    ls = product_singular_values(op, distances=ds, mask=op.step_mask)
+    return products_table(ls, key, ds)
+
+
+def _lyapunov(small, key, plan: Plan, warmup: int):
+    op = chunked_linearization(small, key, chunk=plan.chunk, dtype=torch.float64)
+    res = lyapunov_exponents(op, warmup=warmup, k=None if plan.lyapunov >= plan.S else plan.lyapunov,
+                             mask=op.step_mask)
+    return lyapunov_table(res, key)
+
+
+# ---------------------------------------------------------------------------------- the orchestrator
+def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, *,
+                  plans: dict[str, Plan] | None = None) -> dict[str, pd.DataFrame]:
+    """Every analysis table (``gradflow.tables`` schemas, without the ``run`` column) of a
+    keep='states' trace, for every unit (or ``config.keys``), along the plan of each unit (see the
+    module docstring). ``config``: an :class:`AnalysisConfig` (or a mapping validated into one);
+    ``classes``: token classes [B] for the gate statistics; ``plans``: from :func:`plan_trace` (made
+    here when None). With ``per_step_loss`` (a loss at every step) the distance profile is built from
+    G[s, t] = ||∂L_s/∂s_t|| of the joint state over the analysed sequences."""
+    if not isinstance(trace, Trace):
+        raise GradflowError(f"analyze_trace: expected a gradflow.Trace, got {type(trace).__name__}")
+    cfg = _config(config)
+    plans = plan_trace(trace, cfg) if plans is None else plans
+    device = resolve_device(trace, cfg)
+    keys = _keys(trace, cfg)
+    T, B = trace.shape(keys[0])
+    small = trace if B <= cfg.batch_limit else trace.subset(slice(0, cfg.batch_limit))
+    warmup = min(cfg.warmup, max(T - 2, 0))
+    frac, ref, per_step = cfg.horizon_fraction, cfg.horizon_reference, bool(cfg.per_step_loss)
+    parts: dict[str, list[pd.DataFrame]] = {}
+    for k in keys:
+        primary = _primary(trace, k)
+        summ = lyap = joint = None
+        if per_step:
+            if not primary:
+                continue
+            prof = distance_profile(gradient_matrix(small, k), fraction=frac, reference=ref)
+        else:
+            prof = distance_profile(trace, k, fraction=frac, reference=ref)
+        tabs = {"distance": prof.table, "decay": prof.decay}
+        if not per_step and len(trace.cell(k).states) > 1 and primary:
+            joint = _joint_profile(trace, k, frac, ref)
+            tabs["distance"] = pd.concat([tabs["distance"], joint.table], ignore_index=True)
+            tabs["decay"] = pd.concat([tabs["decay"], joint.decay], ignore_index=True)
+        if primary:
+            plan = plans[str(k)]
+            spectra, st = _spectra(small, k, plan, cfg, device)
+            summ = spectra_summary_table(st, k, mask=small.mask(k))
+            tabs.update(spectra=spectra, spectra_summary=summ)
+            if plan.products:
+                tabs["products"] = _products(small, k, plan)
+            if plan.lyapunov:
+                lyap = _lyapunov(small, k, plan, warmup)
+                tabs["lyapunov"] = lyap
+            if kinds.get(trace.cell(k).kind).gates:
+                tabs["gates"] = gate_statistics(trace, k, classes=classes)
+        if len(trace.cell(k).states) == 1 or per_step:
+            tabs["summary"] = verdicts(prof.decay, summ, lyap, prof.nonfinite, prof.table)
+        elif joint is not None:  # LSTM: one verdict on the joint state (h, c), where the memory lives
+            v = verdicts(joint.decay, None, None, pd.concat([prof.nonfinite, joint.nonfinite]), joint.table)
+            extra = verdicts(None, summ, lyap, None, None)
+            if len(extra):
+                v["detail"] = v["detail"] + "; " + extra["detail"].iloc[0]
+            tabs["summary"] = v
+        for name, df in tabs.items():
+            if df is not None and len(df):
+                parts.setdefault(name, []).append(df)
+    return {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()}
+
+
+def _joint_profile(trace, key, fraction, reference=1):
+    """Distance profile of the joint state's gradient norm sqrt(Σ_states ||dL/ds_t||²) of a
+    multi-state cell (LSTM: h and c), reported under the key ``<unit>/hc``."""
+    states = trace.cell(key).states
+    sq = sum(trace.norm(key.with_state(s)) ** 2 for s in states)
+    with np.errstate(divide="ignore"):
+        logn = np.log10(np.sqrt(sq.numpy()))
+    label = str(key.with_state("".join(states)))
+    return distance_profile(logn, label, direction=key.direction, mask=trace.mask(key), fraction=fraction,
+                            reference=reference)
