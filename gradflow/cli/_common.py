@@ -35,3 +35,17 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print only the 
 
 def say(quiet: bool):
     return (lambda s: None) if quiet else (lambda s: click.echo(s, err=True))
+
+
+memory_option = click.option(
+    "--memory", default=None, metavar="SIZE",
+    help="Memory budget of the analysis, e.g. 2GB or 512MB (default: the spec's [analysis] memory, else 2GB). "
+         "The plan printed for each unit follows it: dense or matrix-free top-k spectra, chunk of time.")
+
+
+def analysis_with_memory(base, memory: str | None):
+    """``base`` (an AnalysisConfig or None) with ``--memory`` applied (one-line SpecError if invalid)."""
+    from ..analysis.config import AnalysisConfig, parse_memory
+
+    cfg = AnalysisConfig.from_mapping(base)
+    return cfg if memory is None else cfg.replace(memory=parse_memory(memory, "--memory"))

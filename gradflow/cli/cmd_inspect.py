@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from ._common import one_line_errors, quiet_option, say
+from ._common import analysis_with_memory, memory_option, one_line_errors, quiet_option, say
 
 
 def _load_factory(ref: str):
@@ -66,9 +66,10 @@ def _parse_shape(shape: str) -> tuple[int, int, int]:
 @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Report directory (default: reports/<name>).")
+@memory_option
 @quiet_option
 @one_line_errors
-def command(factory, shape, tokens, batch_first, loss_kind, passes, seed, name, runs_dir, out, quiet):
+def command(factory, shape, tokens, batch_first, loss_kind, passes, seed, name, runs_dir, out, memory, quiet):
     """Attach to the model built by FACTORY (``MODULE:FUNCTION``), record dL/dh_t on a few backward
     passes, analyse the recurrent Jacobians and write a report.
 
@@ -89,10 +90,11 @@ def command(factory, shape, tokens, batch_first, loss_kind, passes, seed, name, 
         from ..errors import SpecError
 
         raise SpecError(f"--passes must be >= 1, got {passes}")
+    cfg = analysis_with_memory(None, memory)  # checked before any user code runs
     fn = _load_factory(factory)
     name = name or "inspect-" + re.sub(r"[^A-Za-z0-9._-]+", "_", factory.split(":")[-1])
     dims = _parse_shape(shape) if shape else None
-    run_dir = inspect_model(fn, run_dir=runs_dir / name, label=name, shape=dims, tokens=tokens,
+    run_dir = inspect_model(fn, run_dir=runs_dir / name, label=name, shape=dims, tokens=tokens, analysis=cfg,
                             batch_first=batch_first, loss=loss_kind, passes=passes, seed=seed,
                             source=factory, echo=say(quiet))
     click.echo(str(run_dir))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import one_line_errors, quiet_option, say
+from ._common import analysis_with_memory, memory_option, one_line_errors, quiet_option, say
 
 
 @click.command("run")
@@ -21,10 +21,11 @@ from ._common import one_line_errors, quiet_option, say
               help="Only copy the spec into the current directory, for editing; run nothing.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (small recurrent models train fastest on one).")
+@memory_option
 @quiet_option
 @one_line_errors
 def command(spec: str, out: Path | None, report: bool, steps: int | None, copy_only: bool, threads: int | None,
-            quiet: bool):
+            memory: str | None, quiet: bool):
     """Run the analysis SPEC into a study directory. SPEC is a TOML file or the name of a shipped
     analysis (gradflow list shows them).
 
@@ -60,6 +61,10 @@ def command(spec: str, out: Path | None, report: bool, steps: int | None, copy_o
         from ._specs import with_steps
 
         s = parse_spec(with_steps(read_toml(path), steps), str(path), default_name=path.stem)
+    if memory is not None:
+        import dataclasses
+
+        s = dataclasses.replace(s, analysis=analysis_with_memory(s.analysis, memory))
     out = out or Path("runs") / s.name
     echo = say(quiet)
     echo(f"{s.name}: {len(s.runs)} run(s) from {path} -> {out}")

@@ -79,6 +79,7 @@ class RunInfo:
     study: str | None
     tables: tuple[str, ...]
     result: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    plans: tuple[Mapping[str, Any], ...] = ()  # run.json analysis.plans: how each unit was analysed
 
     @property
     def flagged(self) -> bool:
@@ -362,9 +363,13 @@ def _read_run_json(d: Path) -> dict:
     da = meta.get("diverged_at")
     if da is not None and (isinstance(da, bool) or not isinstance(da, int)):
         raise GradflowError(f"{f}: 'diverged_at' must be an integer step or null, not {da!r}")
-    for k in ("spec", "task", "model", "clip", "meta", "result"):
+    for k in ("spec", "task", "model", "clip", "meta", "result", "analysis"):
         if meta.get(k) is not None and not isinstance(meta[k], dict):
             raise GradflowError(f"{f}: {k!r} must be a JSON object")
+    plans = (meta.get("analysis") or {}).get("plans", [])
+    if not isinstance(plans, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                              and isinstance(p.get("unit"), str) for p in plans):
+        raise GradflowError(f"{f}: 'analysis.plans' must be a list of objects with 'unit' and 'text' strings")
     return meta
 
 
@@ -402,6 +407,7 @@ def _run_info(meta: dict, d: Path, label: str, study: str | None, tables: tuple[
         study=study,
         tables=tables,
         result=obj("result"),
+        plans=tuple(MappingProxyType(dict(p)) for p in (meta.get("analysis") or {}).get("plans", [])),
     )
 
 

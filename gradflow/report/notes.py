@@ -31,6 +31,20 @@ def coverage_notes(rs: RunSet, names) -> list[str]:
     return [f"Not shown for {run}: no rows in {', '.join(files)}." for run, files in missing.items()]
 
 
+def plan_notes(rs: RunSet, names) -> list[str]:
+    """"Analysis plan of RUN: <plan text>" for each unit of each run shown in the tables ``names``
+    (from run.json), so that a top-k or subsampled spectrum is never read as a full one."""
+    shown = set()
+    for n in names:
+        if rs.has(n):
+            shown |= set(rs.table(n)["run"])
+    out = []
+    for r in rs.runs:
+        if r.label in shown:
+            out += [f"Analysis plan of {r.label}: {p['text']}." for p in r.plans]
+    return out
+
+
 def flag_notes(rs: RunSet, names) -> list[str]:
     shown = set()
     for n in names:

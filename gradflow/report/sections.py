@@ -22,7 +22,7 @@ from .fig_jacobians import fig_products, fig_spectra
 from .fig_sweep import fig_sweep, numeric_axes, primary_rows, sweep_points
 from .fig_training import clip_rates, fig_clipping, fig_gates, gate_kind
 from .load import RunSet, fmt_number
-from .notes import coverage_notes, flag_notes, lyapunov_notes, zero_median_notes
+from .notes import coverage_notes, flag_notes, lyapunov_notes, plan_notes, zero_median_notes
 
 __all__ = ["Section", "Table", "plan", "run_rows", "RUN_COLUMNS", "verdict_table"]
 
@@ -308,7 +308,7 @@ def _distance(rs: RunSet, have) -> Section:
 def _spectra(rs: RunSet, have) -> Section:
     sp = rs.table("spectra") if rs.has("spectra") else None
     ss = rs.table("spectra_summary") if rs.has("spectra_summary") else None
-    notes = coverage_notes(rs, have)
+    notes = plan_notes(rs, have) + coverage_notes(rs, have)
     if sp is None:
         notes.append("spectra.csv is absent: the distribution of singular values is not shown.")
     else:
@@ -333,7 +333,7 @@ def _spectra(rs: RunSet, have) -> Section:
 def _products(rs: RunSet, have) -> Section:
     pr = rs.table("products") if rs.has("products") else None
     ly = rs.table("lyapunov") if rs.has("lyapunov") else None
-    notes = coverage_notes(rs, have)
+    notes = plan_notes(rs, have) + coverage_notes(rs, have)
     if pr is None:
         notes.append("products.csv is absent: singular values of products over distance are not shown.")
     if ly is None:
