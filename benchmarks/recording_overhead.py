@@ -1,12 +1,19 @@
-"""Recording overhead: a training step with ``gradflow.record(keep="norms")`` vs the plain fused step.
+"""Recording overhead: a training step inside ``gradflow.record(keep="norms")`` vs the plain fused step.
 
-2-layer nn.LSTM, H=256, T=256, B=32, CPU, loss on every output. Times are medians over interleaved
-blocks of steps in one process: plain fused steps, steps of a training loop inside one open
-``record()``, and ``record()`` entered afresh for every step. Peak memory is measured in a fresh
-subprocess per variant (growth of the peak resident set size over two steps of a recorded loop).
-Prints the ratios; the target is <= 1.3x time for the recorded loop.
+Sweeps the sizes of issue 14: nn.LSTM, nn.GRU and tanh nn.RNN; H ∈ {64, 256, 1024} (input size H);
+T ∈ {16, 256, 1024}; 1-3 layers; B=32; loss on every output; SGD step. For each size the two
+variants (plain fused steps; steps of a training loop inside one open ``record()``) are timed in
+interleaved rounds (``_rounds.best_of_rounds``, first round untimed) and each keeps its best; a
+timing covers ``n`` steps, n chosen so that it lasts >= --min-ms. Peak memory is measured in a fresh
+subprocess per variant (CPU: growth of the peak resident set over two steps after a warm-up step of the same variant,
+free memory returned to the OS first; CUDA: peak allocated device memory above the first step's).
+Prints recorded/plain per size; the target is <= 1.3x time and <= 1.2x memory.
 
-    python benchmarks/recording_overhead.py [--rounds 3] [--block 4] [--H 256] [--T 256] [--B 32] [--layers 2]
+    python benchmarks/recording_overhead.py [--quick] [--device cpu|cuda] [--kinds lstm,gru,rnn_tanh]
+        [--H 64,256,1024] [--T 16,256,1024] [--layers 1,2,3] [--B 32] [--rounds 3] [--no-memory] [--json]
+
+``--quick`` sweeps H ∈ {64, 256}, T ∈ {16, 256}, 1 and 2 layers. The largest sizes of the full sweep
+(H=1024, T=1024) take minutes per step on 2 CPU cores; pass --H/--T/--layers to pick sizes.
 """
 
 from __future__ import annotations
@@ -14,19 +21,23 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import statistics
+import sys
 import time
 
 import torch
 from torch import nn
 
 import gradflow
+from _rounds import best_of_rounds
+
+MODULES = {"lstm": lambda H, L: nn.LSTM(H, H, num_layers=L), "gru": lambda H, L: nn.GRU(H, H, num_layers=L),
+           "rnn_tanh": lambda H, L: nn.RNN(H, H, num_layers=L, nonlinearity="tanh")}
 
 
-def make(args):
+def make(kind, H, T, L, B, device):
     torch.manual_seed(0)
-    model = nn.LSTM(args.H, args.H, num_layers=args.layers).to(args.device)
-    x = torch.randn(args.T, args.B, args.H, device=args.device)
+    model = MODULES[kind](H, L).to(device)
+    x = torch.randn(T, B, H, device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     return model, x, opt
 
@@ -38,38 +49,39 @@ def step(model, x, opt):
     opt.step()
 
 
-def timed(fn):
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-def run_time(args):
-    """Median step times of three variants, interleaved in blocks of ``args.block`` steps:
-    plain fused steps; steps inside one open ``record()`` (a recorded training loop, the case the
-    target is about); and ``record()`` entered afresh for every step (as a recording schedule does)."""
-    model, x, opt = make(args)
-    times = {"plain": [], "loop": [], "per_step": []}
-
-    def per_step():
-        with gradflow.record(model, keep="norms", keep_traces=False):
-            step(model, x, opt)
-
-    for _ in range(2):  # warm-up
+def run_time(kind, H, T, L, B, device, rounds, min_ms):
+    """Best seconds per step of the plain and the recorded variant, interleaved rounds."""
+    model, x, opt = make(kind, H, T, L, B, device)
+    for _ in range(2):
         step(model, x, opt)
-        per_step()
-    for _ in range(args.rounds):
-        for _ in range(args.block):
-            times["plain"].append(timed(lambda: step(model, x, opt)))
+    with gradflow.record(model, keep="norms", keep_traces=False):
+        step(model, x, opt)
+    _sync(device)
+    t0 = time.perf_counter()
+    step(model, x, opt)
+    _sync(device)
+    n = max(1, int(min_ms * 1e-3 / max(time.perf_counter() - t0, 1e-6)))
+
+    def steps():
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step(model, x, opt)
+        _sync(device)
+        return None, (time.perf_counter() - t0) / n
+
+    def recorded():
         with gradflow.record(model, keep="norms", keep_traces=False):
-            for _ in range(args.block):
-                times["loop"].append(timed(lambda: step(model, x, opt)))
-        for _ in range(args.block):
-            times["per_step"].append(timed(per_step))
-    return {k: statistics.median(v) for k, v in times.items()}
+            step(model, x, opt)  # untimed: the workspace's first step
+            return steps()
+
+    best, _ = best_of_rounds({"plain": steps, "recorded": recorded}, rounds)
+    return best["plain"], best["recorded"], n
 
 
 def _rss_kib(field: str) -> int:
@@ -81,7 +93,6 @@ def _rss_kib(field: str) -> int:
 
 
 def _two_steps(model, x, opt, variant):
-    """The two measured steps: plain, or a loop inside one record()."""
     if variant == "plain":
         for _ in range(2):
             step(model, x, opt)
@@ -91,14 +102,23 @@ def _two_steps(model, x, opt, variant):
                 step(model, x, opt)
 
 
-def _peak_child(args, variant, q):
+def _warm(model, x, opt, variant):
+    """One step of the variant first: optimizer state, imports and other one-time allocations."""
+    if variant == "plain":
+        step(model, x, opt)
+    else:
+        with gradflow.record(model, keep="norms", keep_traces=False):
+            step(model, x, opt)
+
+
+def _peak_child(cfg, variant, q):
     """Peak resident-set growth of two training steps: free memory is returned to the OS
     (malloc_trim) and the kernel's peak counter reset (clear_refs 5) before the steps."""
     import ctypes
 
-    torch.set_num_threads(args.threads)
-    model, x, opt = make(args)
-    step(model, x, opt)  # optimizer state and one-time allocations
+    torch.set_num_threads(cfg["threads"])
+    model, x, opt = make(cfg["kind"], cfg["H"], cfg["T"], cfg["L"], cfg["B"], "cpu")
+    _warm(model, x, opt, variant)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
@@ -107,9 +127,9 @@ def _peak_child(args, variant, q):
     q.put((_rss_kib("VmHWM") - base) / 1024)
 
 
-def _cuda_peak(args, variant):
-    model, x, opt = make(args)
-    step(model, x, opt)
+def _cuda_peak(cfg, variant):
+    model, x, opt = make(cfg["kind"], cfg["H"], cfg["T"], cfg["L"], cfg["B"], cfg["device"])
+    _warm(model, x, opt, variant)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -117,57 +137,80 @@ def _cuda_peak(args, variant):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def run_memory(args):
-    if args.device != "cpu":  # peak allocated device memory above the first step's
-        return _cuda_peak(args, "plain"), _cuda_peak(args, "recorded")
+def run_memory(cfg):
+    """(plain, recorded) peak MiB of two steps."""
+    if cfg["device"] != "cpu":
+        return _cuda_peak(cfg, "plain"), _cuda_peak(cfg, "recorded")
     ctx = mp.get_context("spawn")
     out = {}
     for variant in ("plain", "recorded"):
         q = ctx.Queue()
-        p = ctx.Process(target=_peak_child, args=(args, variant, q))
+        p = ctx.Process(target=_peak_child, args=(cfg, variant, q))
         p.start()
         out[variant] = q.get()
         p.join()
     return out["plain"], out["recorded"]
 
 
-def main():
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--block", type=int, default=4, help="steps per block of one variant")
-    ap.add_argument("--H", type=int, default=256)
-    ap.add_argument("--T", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="H 64,256; T 16,256; layers 1,2")
+    ap.add_argument("--kinds", default="lstm,gru,rnn_tanh")
+    ap.add_argument("--H", default=None, help="comma-separated hidden sizes (default 64,256,1024)")
+    ap.add_argument("--T", default=None, help="comma-separated sequence lengths (default 16,256,1024)")
+    ap.add_argument("--layers", default=None, help="comma-separated layer counts (default 1,2,3)")
     ap.add_argument("--B", type=int, default=32)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after one untimed)")
+    ap.add_argument("--min-ms", type=float, default=100.0, help="shortest timing: steps per timing follow")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (memory is then peak allocated device memory)")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--json", action="store_true", help="one JSON object per size")
+    args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    bad = [k for k in kinds if k not in MODULES]
+    if bad:
+        ap.error(f"--kinds: unknown {bad}, choose from {sorted(MODULES)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    Hs = _ints(args.H) if args.H else ([64, 256] if args.quick else [64, 256, 1024])
+    Ts = _ints(args.T) if args.T else ([16, 256] if args.quick else [16, 256, 1024])
+    Ls = _ints(args.layers) if args.layers else ([1, 2] if args.quick else [1, 2, 3])
     torch.set_num_threads(args.threads)
-    t = run_time(args)
-    m_plain, m_rec = run_memory(args)
-    res = {
-        "config": f"LSTM layers={args.layers} H={args.H} T={args.T} B={args.B} threads={args.threads} "
-                  f"device={args.device}",
-        "plain_step_s": round(t["plain"], 4),
-        "recorded_loop_step_s": round(t["loop"], 4),
-        "recorded_per_step_s": round(t["per_step"], 4),
-        "time_ratio": round(t["loop"] / t["plain"], 3),
-        "time_ratio_per_step": round(t["per_step"] / t["plain"], 3),
-        "plain_peak_mib": round(m_plain, 1),
-        "recorded_peak_mib": round(m_rec, 1),
-        "memory_ratio": round(m_rec / max(m_plain, 1e-9), 3),
-    }
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(res["config"])
-        print(f"plain fused step                    {t['plain'] * 1e3:8.1f} ms   peak +{m_plain:7.1f} MiB")
-        print(f"record(keep=norms) around the loop  {t['loop'] * 1e3:8.1f} ms   peak +{m_rec:7.1f} MiB")
-        print(f"record(keep=norms) entered per step {t['per_step'] * 1e3:8.1f} ms")
-        print(f"ratio (recorded/plain): time {res['time_ratio']:.2f}x (loop), {res['time_ratio_per_step']:.2f}x "
-              f"(entered per step)   memory {res['memory_ratio']:.2f}x")
+    if not args.json:
+        print(f"B={args.B} threads={args.threads} device={args.device} rounds={args.rounds} (best of each)")
+        print(f"{'kind':9s} {'L':>2s} {'H':>5s} {'T':>5s} {'plain ms':>10s} {'rec ms':>10s} {'time':>6s} "
+              f"{'plain MiB':>10s} {'rec MiB':>9s} {'mem':>6s}")
+    worst = [0.0, 0.0]
+    for kind in kinds:
+        for L in Ls:
+            for H in Hs:
+                for T in Ts:
+                    p, r, n = run_time(kind, H, T, L, args.B, args.device, args.rounds, args.min_ms)
+                    res = {"kind": kind, "layers": L, "H": H, "T": T, "B": args.B, "device": args.device,
+                           "steps_per_timing": n, "plain_ms": p * 1e3, "recorded_ms": r * 1e3,
+                           "time_ratio": r / p}
+                    worst[0] = max(worst[0], r / p)
+                    if not args.no_memory:
+                        cfg = dict(kind=kind, H=H, T=T, L=L, B=args.B, device=args.device, threads=args.threads)
+                        mp_, mr = run_memory(cfg)
+                        res.update(plain_peak_mib=mp_, recorded_peak_mib=mr, memory_ratio=mr / max(mp_, 1e-9))
+                        worst[1] = max(worst[1], res["memory_ratio"])
+                    if args.json:
+                        print(json.dumps(res), flush=True)
+                    else:
+                        mem = ("" if args.no_memory else
+                               f" {res['plain_peak_mib']:10.1f} {res['recorded_peak_mib']:9.1f} "
+                               f"{res['memory_ratio']:5.2f}x")
+                        print(f"{kind:9s} {L:2d} {H:5d} {T:5d} {p * 1e3:10.2f} {r * 1e3:10.2f} {r / p:5.2f}x{mem}",
+                              flush=True)
+    if not args.json:
+        print(f"worst: time {worst[0]:.2f}x" + ("" if args.no_memory else f", memory {worst[1]:.2f}x"))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,30 @@ from __future__ import annotations
 
 import torch
 
+# Forces one forward route of the gated kernels ("steps" or "fused"; None: chosen by size). Tests and
+# benchmarks set it to run every route.
+ROUTE: str | None = None
+
+
+def flat_weights(params, names) -> list:
+    """The weights of one layer-direction in the order ``torch._VF.lstm/gru/rnn_*`` takes them."""
+    return [params[n] for n in names if n in params]
+
+
+def route(kind: str, x: torch.Tensor, mask, w_hh: torch.Tensor, fused) -> str:
+    """The forward route of a gated kernel: ``fused`` (PyTorch's fused kernel for the forward, the
+    pre-activations recovered by GEMMs over all steps) or ``steps`` (the recurrence step by step).
+    The fused route needs every step to exist (no mask). On CPU the steps route is chosen at every
+    size: measured on 2 cores (issue 14), recovering the pre-activations costs GEMMs as large as the
+    fused forward's own, so the fused route was no faster at H=64 (T=16, 256) and slower from H=256
+    on. On CUDA the fused route is chosen: its forward launches one kernel per step instead of
+    about eight (not measured: no GPU was available)."""
+    if fused is None or mask is not None:
+        return "steps"
+    if ROUTE is not None:
+        return ROUTE
+    return "fused" if x.device.type == "cuda" else "steps"
+
 
 def empty(sink, shape, like):
     """A new tensor of ``shape`` like ``like``, from the sink's workspace when it has one."""
@@ -94,9 +118,13 @@ def dtanh_times(a: torch.Tensor, other: torch.Tensor, tmp: torch.Tensor, out: to
 BLOCK = 16
 
 
-def blocks(T: int):
-    """(start, end) of the time blocks, last first."""
+def blocks(T: int, reverse: bool = True):
+    """(start, end) of the time blocks, last first (first first with reverse=False)."""
     n = min(T, BLOCK)
+    if not reverse:
+        for s in range(0, T, n):
+            yield s, min(T, s + n)
+        return
     for e in range(T, 0, -n):
         yield max(0, e - n), e
 

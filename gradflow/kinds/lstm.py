@@ -26,10 +26,17 @@ from ._gated import GatedKind, preactivations, promoted
 
 class LSTMRecurrence(torch.autograd.Function):
     """[i f g o] = W_ih x_t + b + W_hh h_{t-1} (b = b_ih + b_hh); c_t = σ(f)c_{t-1} + σ(i)tanh(g);
-    h_t = σ(o)tanh(c_t), then W_hr h_t with proj_size."""
+    h_t = σ(o)tanh(c_t), then W_hr h_t with proj_size.
+
+    ``fused``: the arguments of ``torch._VF.lstm`` for this layer-direction (flat weights with the
+    module's own b_ih and b_hh, has_biases), or None. Two forward routes (:func:`_kernel.route`): the
+    ``steps`` route runs the recurrence step by step; the ``fused`` route runs PyTorch's fused kernel
+    (the plain module's own numbers), then recovers every pre-activation with one GEMM over all steps
+    from the returned h_t, and c_t with one elementwise op per step. Both keep the gate activations,
+    h_t and c_t, and share the backward."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, b, h0, c0, w_hh, w_hr, mask, sink):
+    def forward(ctx, x, w_ih, b, h0, c0, w_hh, w_hr, mask, sink, fused):
         x = x.contiguous()
         T, B = x.shape[:2]
         G = w_ih.shape[0]
@@ -38,59 +45,101 @@ class LSTMRecurrence(torch.autograd.Function):
         P = h0.shape[-1]
         gates = K.empty(sink, (T, B, G), x)
         K.project(x, w_ih, b, gates)
-        out = K.empty(sink, (T, B, P), x)
         cs = K.empty(sink, (T, B, H), x)  # c_t (after masking): the state
         ms = K.empty(sink, (T, B, H), x) if proj else None  # o·tanh(c̃_t) before the projection
-        k = x.new_empty(B, H)  # tanh(c̃_t), reused
-        ctmp = x.new_empty(B, H) if mask is not None else None
-        htmp = x.new_empty(B, P) if mask is not None else None
+        if K.route("lstm", x, mask, w_hh, fused) == "fused":
+            out, h_n, c_n = torch._VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), *fused, 1, 0.0, False, False, False)
+            LSTMRecurrence._recover(gates, out, cs, ms, h0, c0, w_hh)
+            h_n, c_n = h_n[0], c_n[0]
+        else:
+            out = K.empty(sink, (T, B, P), x)
+            LSTMRecurrence._steps(gates, out, cs, ms, h0, c0, w_hh, w_hr, mask)
+            h_n, c_n = out[T - 1].clone(), cs[T - 1].clone()
+        ctx.save_for_backward(x, w_ih, gates, out, cs, ms if proj else x.new_empty(0), h0, c0, w_hh, w_hr)
+        ctx.mask, ctx.sink, ctx.has_b = mask, sink, b.numel() > 0
+        if sink is not None:
+            sink.forward(h=out, c=cs)
+        return out, h_n, c_n
+
+    @staticmethod
+    def _steps(gates, out, cs, ms, h0, c0, w_hh, w_hr, mask):
+        """The step-by-step forward: gates [T, B, 4H] hold W_ih x + b and become the activations."""
+        B, H = cs.shape[1:]
+        P = out.shape[-1]
+        proj = ms is not None
+        k = gates.new_empty(B, H)  # tanh(c̃_t), reused
+        ctmp = gates.new_empty(B, H) if mask is not None else None
+        htmp = gates.new_empty(B, P) if mask is not None else None
         w_hh_t = w_hh.t()
         w_hr_t = w_hr.t() if proj else None
         h, c = h0, c0
-        for t in range(T):
-            a = gates[t].addmm_(h, w_hh_t)
+        for t, (a, o_t, c_t) in enumerate(zip(gates.unbind(0), out.unbind(0), cs.unbind(0))):
+            a.addmm_(h, w_hh_t)
             a[:, : 2 * H].sigmoid_()
             a[:, 2 * H: 3 * H].tanh_()
             a[:, 3 * H:].sigmoid_()
             i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
-            c_new = torch.mul(f, c, out=cs[t] if mask is None else ctmp).addcmul_(i, g)
+            c_new = torch.mul(f, c, out=c_t if mask is None else ctmp).addcmul_(i, g)
             torch.tanh(c_new, out=k)
-            h_new = out[t] if mask is None else htmp
+            h_new = o_t if mask is None else htmp
             if proj:
                 torch.mm(torch.mul(o, k, out=ms[t]), w_hr_t, out=h_new)
             else:
                 torch.mul(o, k, out=h_new)
             if mask is not None:
                 m_t = mask[t].unsqueeze(1)
-                torch.where(m_t, htmp, h, out=out[t])
-                torch.where(m_t, c_new, c, out=cs[t])
-            h, c = out[t], cs[t]
-        ctx.save_for_backward(x, w_ih, gates, out, cs, ms if proj else x.new_empty(0), h0, c0, w_hh, w_hr)
-        ctx.mask, ctx.sink, ctx.has_b = mask, sink, b.numel() > 0
-        if sink is not None:
-            sink.forward(h=out, c=cs)
-        return out, out[T - 1].clone(), cs[T - 1].clone()
+                torch.where(m_t, htmp, h, out=o_t)
+                torch.where(m_t, c_new, c, out=c_t)
+            h, c = o_t, c_t
 
     @staticmethod
-    def _factors(gates, cs, c0, mask, s, e, Q, A, cp, tmp):
-        """Gate-derivative factors of steps s..e-1 into the block buffers: da = Q ⊙ [dc̃, dc̃, dc̃, dm]
-        with Q [n, B, 4, H], and dc̃ = dc_in + dm ⊙ A with A = o·(1 − tanh²c̃) [n, B, H]."""
-        n = e - s
+    def _recover(gates, out, cs, ms, h0, c0, w_hh):
+        """After the fused forward: gates [T, B, 4H] (holding W_ih x + b) <- the activations, adding
+        W_hh h_{t-1} with one GEMM per block of steps; cs <- c_t (one op per step); ms <- o·tanh(c_t).
+        Block by block, so that each block's activations and scan run while it is in cache."""
+        T, B, G = gates.shape
+        H = G // 4
+        w_hh_t = w_hh.t()
+        c = c0
+        for s, e in K.blocks(T, reverse=False):
+            a = gates[s:e]
+            if s == 0:
+                a[0].addmm_(h0, w_hh_t)
+                if e > 1:
+                    a[1:].view((e - 1) * B, G).addmm_(out[: e - 1].view((e - 1) * B, -1), w_hh_t)
+            else:
+                a.view((e - s) * B, G).addmm_(out[s - 1: e - 1].view((e - s) * B, -1), w_hh_t)
+            a[..., : 2 * H].sigmoid_()
+            a[..., 2 * H: 3 * H].tanh_()
+            a[..., 3 * H:].sigmoid_()
+            cb = cs[s:e]
+            torch.mul(a[..., :H], a[..., 2 * H: 3 * H], out=cb)  # i·g, then + f·c_{t-1} step by step
+            for f_t, c_t in zip(a[..., H: 2 * H].unbind(0), cb.unbind(0)):
+                c = c_t.addcmul_(f_t, c)
+            if ms is not None:
+                torch.mul(a[..., 3 * H:], torch.tanh(cb, out=ms[s:e]), out=ms[s:e])
+
+    @staticmethod
+    def _factors(gates, cs, c0, s, e, Q, A):
+        """Gate-derivative factors of steps s..e-1: Q [n, B, 4H] with da = Q ⊙ [dc̃, dc̃, dc̃, dm] and
+        A = o·(1 − tanh²c) [n, B, H], so that dc̃ = dc_in + dm ⊙ A. (Masked steps, where c_t is the
+        carried c_{t-1} rather than c̃_t, get finite factors that only ever multiply zeros.)"""
         H = cs.shape[-1]
-        Q, A, tmp = Q[:n], A[:n], tmp[:n]
         a = gates[s:e]
-        i, f, g, o = a[..., :H], a[..., H: 2 * H], a[..., 2 * H: 3 * H], a[..., 3 * H:]
-        cp = K.prev(cs, c0, s, e, cp)  # c_{t-1}
-        k = A  # A holds tanh(c̃) until the last product
-        if mask is None:
-            torch.tanh(cs[s:e], out=k)  # c̃_t = c_t where every step exists
+        i, g, o = a[..., :H], a[..., 2 * H: 3 * H], a[..., 3 * H:]
+        torch.addcmul(a, a, a, value=-1, out=Q)  # a(1 − a): σ' of i, f, o
+        qi, qf, qg, qo = (Q[..., k * H: (k + 1) * H] for k in range(4))
+        qg.add_(1).sub_(g)  # g − g² + 1 − g = 1 − g²
+        qi.mul_(g)
+        if s == 0:
+            qf[0].mul_(c0)
+            qf[1:].mul_(cs[: e - 1])
         else:
-            torch.mul(f, cp, out=k).addcmul_(i, g).tanh_()
-        K.dsigmoid_times(i, g, tmp, Q[:, :, 0])
-        K.dsigmoid_times(f, cp, tmp, Q[:, :, 1])
-        K.dtanh_times(g, i, tmp, Q[:, :, 2])
-        K.dsigmoid_times(o, k, tmp, Q[:, :, 3])
-        K.dtanh_times(k, o, tmp, A)  # last: A held tanh(c̃) = k until here
+            qf.mul_(cs[s - 1: e - 1])
+        qg.mul_(i)
+        k = torch.tanh(cs[s:e], out=A)  # A holds tanh(c) until the last product
+        qo.mul_(k)
+        torch.addcmul(o, o, k.mul_(k), value=-1, out=A)  # o(1 − tanh²c)
 
     @staticmethod
     @once_differentiable
@@ -100,58 +149,60 @@ class LSTMRecurrence(torch.autograd.Function):
         T, B, G = gates.shape
         H = G // 4
         proj = w_hr.numel() > 0
-        d_gates = K.empty(sink, gates.shape, gates)
+        d_gates = K.empty(sink, gates.shape, gates)  # the factors Q, then dL/d(pre-activation) in place
         d_h = K.empty(sink, out.shape, out)  # δ^h_t
         d_c = K.empty(sink, cs.shape, cs)  # δ^c_t
-        d_ht = K.empty(sink, out.shape, out) if proj else None
         torch.add(g_out[T - 1], g_hn, out=d_h[T - 1])
         d_c[T - 1] = g_cn
-        n = min(T, K.BLOCK)
-        Q = gates.new_empty(n, B, 4, H)
-        A, cp, tmp = (gates.new_empty(n, B, H) for _ in range(3))
-        dct = gates.new_empty(B, H)
-        f = gates[..., H: 2 * H]
+        A = gates.new_empty(min(T, K.BLOCK), B, H)
+        dct = gates.new_empty(B, 1, H)  # dc̃_t = δ^c_t + dm_t ⊙ A_t
+        dct2 = dct.view(B, H)
+        dv = gates.new_empty(B, out.shape[-1]) if mask is not None else None
+        dcm = gates.new_empty(B, H) if mask is not None else None
+        dmb = gates.new_empty(B, H) if proj else None
         notm = None if mask is None else (~mask).unsqueeze(-1).to(gates.dtype)
+        maskf = None if mask is None else mask.unsqueeze(-1).to(gates.dtype)
+        q4 = d_gates.view(T, B, 4, H)
+        f = gates[..., H: 2 * H]
         dh0 = dc0 = None
         for s, e in K.blocks(T):
-            LSTMRecurrence._factors(gates, cs, c0, mask, s, e, Q, A, cp, tmp)
+            LSTMRecurrence._factors(gates, cs, c0, s, e, d_gates[s:e], A[: e - s])
+            Q3, Qo = q4[s:e, :, :3].unbind(0), q4[s:e, :, 3].unbind(0)
+            DA, F_, A_ = d_gates[s:e].unbind(0), f[s:e].unbind(0), A[: e - s].unbind(0)
+            lo = max(s - 1, 0)
+            DH, DC, GO = d_h[lo:e].unbind(0), d_c[lo:e].unbind(0), g_out[lo:e].unbind(0)
             for t in range(e - 1, s - 1, -1):
-                j = t - s
-                dh_t, dc_t = d_h[t], d_c[t]
-                if notm is None:
-                    dv, dc_in = dh_t, dc_t
+                j, k = t - s, t - lo
+                dh_t, dc_t = DH[k], DC[k]
+                if mask is None:
+                    v, dc_in = dh_t, dc_t
                 else:
-                    m_t = mask[t].unsqueeze(1)
-                    dv, dc_in = dh_t * m_t, dc_t * m_t
-                if proj:
-                    d_ht[t] = dv
-                    dm = dv.matmul(w_hr)
-                else:
-                    dm = dv
-                torch.addcmul(dc_in, dm, A[j], out=dct)
-                da4 = d_gates[t].view(B, 4, H)
-                torch.mul(Q[j, :, :3], dct.unsqueeze(1), out=da4[:, :3])
-                torch.mul(Q[j, :, 3], dm, out=da4[:, 3])
-                da = d_gates[t]
+                    v = torch.mul(dh_t, maskf[t], out=dv)
+                    dc_in = torch.mul(dc_t, maskf[t], out=dcm)
+                dm = torch.mm(v, w_hr, out=dmb) if proj else v
+                torch.addcmul(dc_in, dm, A_[j], out=dct2)
+                Q3[j].mul_(dct)
+                Qo[j].mul_(dm)
                 if t > 0:
-                    dh_prev = torch.addmm(g_out[t - 1], da, w_hh, out=d_h[t - 1])
-                    dc_prev = torch.mul(dct, f[t], out=d_c[t - 1])
+                    dh_prev = torch.addmm(GO[k - 1], DA[j], w_hh, out=DH[k - 1])
+                    dc_prev = torch.mul(dct2, F_[j], out=DC[k - 1])
                 else:
-                    dh_prev = dh0 = da.matmul(w_hh)
-                    dc_prev = dc0 = dct * f[t]
+                    dh_prev = dh0 = DA[0].matmul(w_hh)
+                    dc_prev = dc0 = dct2 * F_[0]
                 if notm is not None:
                     dh_prev.addcmul_(notm[t], dh_t)
                     dc_prev.addcmul_(notm[t], dc_t)
-        del Q, A, cp, tmp
+        del A
         if sink is not None:
             sink.backward("h", d_h)
             sink.backward("c", d_c)
         g_whh = K.recurrent_grad(d_gates, out, h0)
-        g_whr = d_ht.view(T * B, -1).t().matmul(ms.view(T * B, H)) if proj else None
+        g_whr = None
+        if proj:
+            d_ht = d_h if mask is None else d_h * maskf  # dL/dh_t through this step's own output
+            g_whr = d_ht.view(T * B, -1).t().matmul(ms.view(T * B, H))
         dx, dw_ih, db = K.input_grads(ctx, d_gates, x, w_ih, ctx.has_b)
-        return dx, dw_ih, db, dh0, dc0, g_whh, g_whr, None, None
-
-
+        return dx, dw_ih, db, dh0, dc0, g_whh, g_whr, None, None, None
 
 
 class LSTMKind(GatedKind):
@@ -165,7 +216,10 @@ class LSTMKind(GatedKind):
         w_ih, w_hh = params["weight_ih"], params["weight_hh"]
         empty = w_hh.new_empty(0)
         b = params["bias_ih"] + params["bias_hh"] if "bias_ih" in params else empty
-        out, h, c = LSTMRecurrence.apply(x, w_ih, b, s0[0], s0[1], w_hh, params.get("weight_hr", empty), mask, sink)
+        w_hr = params.get("weight_hr", empty)
+        fused = (K.flat_weights(params, ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")),
+                 "bias_ih" in params)
+        out, h, c = LSTMRecurrence.apply(x, w_ih, b, s0[0], s0[1], w_hh, w_hr, mask, sink, fused)
         return out, (h, c)
 
     # ------------------------------------------------------------------ linearization

@@ -4,6 +4,7 @@ table; their unrecorded forward is their own plain autograd recurrence)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -15,6 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import gradflow
 from gradflow import kinds
+from gradflow.kinds import _kernel
 from gradflow.trace import StateKey
 from tests.reference import reference_fused
 
@@ -244,6 +246,58 @@ def test_fused_property(case):
     if case.kind != "lstm":
         case = dataclasses.replace(case, proj=0)
     check_case(case)
+
+
+@contextlib.contextmanager
+def forced_route(route):
+    """Run the gated kernels' forward through ``route`` ("steps" / "fused"; a mask forces steps)."""
+    saved, _kernel.ROUTE = _kernel.ROUTE, route
+    try:
+        yield
+    finally:
+        _kernel.ROUTE = saved
+
+
+GATED = [c for c in CASES if c.kind in ("rnn_tanh", "rnn_relu", "lstm", "gru")]
+
+
+@pytest.mark.parametrize("route", ["steps", "fused"])
+@pytest.mark.parametrize("case", GATED, ids=lambda c: "-".join(
+    f"{f.name}={getattr(c, f.name)}" for f in dataclasses.fields(c) if getattr(c, f.name) != f.default) or "default")
+def test_every_route_matches_reference(case, route):
+    with forced_route(route):
+        check_case(case)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases.filter(lambda c: c.kind in ("rnn_tanh", "rnn_relu", "lstm", "gru")),
+       route=st.sampled_from(["steps", "fused"]))
+def test_every_route_property(case, route):
+    if case.kind != "lstm":
+        case = dataclasses.replace(case, proj=0)
+    with forced_route(route):
+        check_case(case)
+
+
+@pytest.mark.parametrize("kind", ["lstm"])
+def test_fused_route_forward_is_the_fused_kernel(kind):
+    """On the fused route the recorded output is the plain module's own (bit for bit); with a mask
+    (PackedSequence) the route falls back to steps."""
+    case = Case(kind=kind, layers=2, proj=0, hx=True, dtype=torch.float32, T=7)
+    m, d = build(case), make_data(case)
+    with torch.no_grad():
+        plain, hn = m(d.x, (d.h0, d.c0) if kind == "lstm" else d.h0)
+    with forced_route("fused"), gradflow.record(m):
+        out, hn_r = m(d.x, (d.h0, d.c0) if kind == "lstm" else d.h0)
+    assert torch.equal(out, plain)
+    for a, b in zip(torch.utils._pytree.tree_leaves(hn), torch.utils._pytree.tree_leaves(hn_r)):
+        assert torch.equal(a, b)
+    x = d.x[:, :1]
+    assert _kernel.route(kind, x, None, m.weight_hh_l0, ([], True)) == "steps"  # CPU default (measured)
+    with forced_route("fused"):
+        assert _kernel.route(kind, x, None, m.weight_hh_l0, ([], True)) == "fused"
+        assert _kernel.route(kind, x, torch.ones(7, 1, dtype=torch.bool), m.weight_hh_l0, ([], True)) == "steps"
+        assert _kernel.route(kind, x, None, m.weight_hh_l0, None) == "steps"
 
 
 def test_last_step_loss_direct_hook_is_zero_but_delta_is_not():
