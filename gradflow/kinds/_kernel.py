@@ -31,6 +31,15 @@ def flat_weights(params, names) -> list:
     return [params[n] for n in names if n in params]
 
 
+def scaled_rows(w: torch.Tensor, a: int, b: int, factor: float) -> torch.Tensor:
+    """A copy of ``w`` with rows (entries, for a vector) a..b-1 times ``factor``; ``w`` itself when empty."""
+    if not w.numel():
+        return w
+    out = w.clone()
+    out[a:b].mul_(factor)
+    return out
+
+
 def route(kind: str, x: torch.Tensor, mask, w_hh: torch.Tensor, fused) -> str:
     """The forward route of a gated kernel: ``fused`` (PyTorch's fused kernel for the forward, the
     pre-activations recovered by GEMMs over all steps) or ``steps`` (the recurrence step by step).

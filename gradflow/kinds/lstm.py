@@ -32,7 +32,8 @@ class LSTMRecurrence(torch.autograd.Function):
     module's own b_ih and b_hh, has_biases), or None. Two forward routes (:func:`_kernel.route`): the
     ``steps`` route runs the recurrence step by step; the ``fused`` route runs PyTorch's fused kernel
     (the plain module's own numbers), then recovers every pre-activation with one GEMM over all steps
-    from the returned h_t, and c_t with one elementwise op per step. Both keep the gate activations,
+    from the returned h_t, and c_t with one elementwise op per step. Both keep the gate activations
+    (with s = σ(2a_g) in place of g = tanh(a_g) = 2s − 1, so that one sigmoid covers every gate),
     h_t and c_t, and share the backward."""
 
     @staticmethod
@@ -43,17 +44,20 @@ class LSTMRecurrence(torch.autograd.Function):
         H = G // 4
         proj = w_hr.numel() > 0
         P = h0.shape[-1]
+        # g = tanh(a_g) = 2σ(2a_g) − 1: with the g rows of the weights doubled (exact in floating point),
+        # one sigmoid per step covers all four gates; the buffer keeps s = σ(2a_g) in the g block
+        w_ih2, w_hh2, b2 = (K.scaled_rows(w, 2 * H, 3 * H, 2.0) for w in (w_ih, w_hh, b))
         gates = K.empty(sink, (T, B, G), x)
-        K.project(x, w_ih, b, gates)
+        K.project(x, w_ih2, b2, gates)
         cs = K.empty(sink, (T, B, H), x)  # c_t (after masking): the state
         ms = K.empty(sink, (T, B, H), x) if proj else None  # o·tanh(c̃_t) before the projection
         if K.route("lstm", x, mask, w_hh, fused) == "fused":
             out, h_n, c_n = torch._VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), *fused, 1, 0.0, False, False, False)
-            LSTMRecurrence._recover(gates, out, cs, ms, h0, c0, w_hh)
+            LSTMRecurrence._recover(gates, out, cs, ms, h0, c0, w_hh2)
             h_n, c_n = h_n[0], c_n[0]
         else:
             out = K.empty(sink, (T, B, P), x)
-            LSTMRecurrence._steps(gates, out, cs, ms, h0, c0, w_hh, w_hr, mask)
+            LSTMRecurrence._steps(gates, out, cs, ms, h0, c0, w_hh2, w_hr, mask)
             h_n, c_n = out[T - 1].clone(), cs[T - 1].clone()
         ctx.save_for_backward(x, w_ih, gates, out, cs, ms if proj else x.new_empty(0), h0, c0, w_hh, w_hr)
         ctx.mask, ctx.sink, ctx.has_b = mask, sink, b.numel() > 0
@@ -62,44 +66,47 @@ class LSTMRecurrence(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
-    def _steps(gates, out, cs, ms, h0, c0, w_hh, w_hr, mask):
-        """The step-by-step forward: gates [T, B, 4H] hold W_ih x + b and become the activations."""
+    def _steps(gates, out, cs, ms, h0, c0, w_hh2, w_hr, mask):
+        """The step-by-step forward: gates [T, B, 4H] hold W_ih x + b (g rows doubled) and become
+        [σ(i), σ(f), s, σ(o)] with s = σ(2a_g), g = 2s − 1; c_t = f c_{t-1} + 2 i s − i."""
         B, H = cs.shape[1:]
         P = out.shape[-1]
         proj = ms is not None
         k = gates.new_empty(B, H)  # tanh(c̃_t), reused
         ctmp = gates.new_empty(B, H) if mask is not None else None
         htmp = gates.new_empty(B, P) if mask is not None else None
-        w_hh_t = w_hh.t()
+        w_hh_t = w_hh2.t()
         w_hr_t = w_hr.t() if proj else None
+        A_, I_, F_ = gates.unbind(0), gates[..., :H].unbind(0), gates[..., H: 2 * H].unbind(0)
+        S_, O_ = gates[..., 2 * H: 3 * H].unbind(0), gates[..., 3 * H:].unbind(0)
+        C_, OUT = cs.unbind(0), out.unbind(0)
+        M_ = ms.unbind(0) if proj else None
         h, c = h0, c0
-        for t, (a, o_t, c_t) in enumerate(zip(gates.unbind(0), out.unbind(0), cs.unbind(0))):
-            a.addmm_(h, w_hh_t)
-            a[:, : 2 * H].sigmoid_()
-            a[:, 2 * H: 3 * H].tanh_()
-            a[:, 3 * H:].sigmoid_()
-            i, f, g, o = a[:, :H], a[:, H: 2 * H], a[:, 2 * H: 3 * H], a[:, 3 * H:]
-            c_new = torch.mul(f, c, out=c_t if mask is None else ctmp).addcmul_(i, g)
+        for t in range(len(A_)):
+            A_[t].addmm_(h, w_hh_t).sigmoid_()
+            i = I_[t]
+            c_new = torch.mul(F_[t], c, out=C_[t] if mask is None else ctmp).addcmul_(i, S_[t], value=2).sub_(i)
             torch.tanh(c_new, out=k)
-            h_new = o_t if mask is None else htmp
+            h_new = OUT[t] if mask is None else htmp
             if proj:
-                torch.mm(torch.mul(o, k, out=ms[t]), w_hr_t, out=h_new)
+                torch.mm(torch.mul(O_[t], k, out=M_[t]), w_hr_t, out=h_new)
             else:
-                torch.mul(o, k, out=h_new)
+                torch.mul(O_[t], k, out=h_new)
             if mask is not None:
                 m_t = mask[t].unsqueeze(1)
-                torch.where(m_t, htmp, h, out=o_t)
-                torch.where(m_t, c_new, c, out=c_t)
-            h, c = o_t, c_t
+                torch.where(m_t, htmp, h, out=OUT[t])
+                torch.where(m_t, c_new, c, out=C_[t])
+            h, c = OUT[t], C_[t]
 
     @staticmethod
-    def _recover(gates, out, cs, ms, h0, c0, w_hh):
-        """After the fused forward: gates [T, B, 4H] (holding W_ih x + b) <- the activations, adding
-        W_hh h_{t-1} with one GEMM per block of steps; cs <- c_t (one op per step); ms <- o·tanh(c_t).
-        Block by block, so that each block's activations and scan run while it is in cache."""
+    def _recover(gates, out, cs, ms, h0, c0, w_hh2):
+        """After the fused forward: gates [T, B, 4H] (holding W_ih x + b, g rows doubled) <- the
+        activations as :meth:`_steps` leaves them, adding W_hh h_{t-1} with one GEMM per block of
+        steps; cs <- c_t (one op per step); ms <- o·tanh(c_t). Block by block, so that each block's
+        activations and scan run while it is in cache."""
         T, B, G = gates.shape
         H = G // 4
-        w_hh_t = w_hh.t()
+        w_hh_t = w_hh2.t()
         c = c0
         for s, e in K.blocks(T, reverse=False):
             a = gates[s:e]
@@ -109,11 +116,10 @@ class LSTMRecurrence(torch.autograd.Function):
                     a[1:].view((e - 1) * B, G).addmm_(out[: e - 1].view((e - 1) * B, -1), w_hh_t)
             else:
                 a.view((e - s) * B, G).addmm_(out[s - 1: e - 1].view((e - s) * B, -1), w_hh_t)
-            a[..., : 2 * H].sigmoid_()
-            a[..., 2 * H: 3 * H].tanh_()
-            a[..., 3 * H:].sigmoid_()
+            a.sigmoid_()
             cb = cs[s:e]
-            torch.mul(a[..., :H], a[..., 2 * H: 3 * H], out=cb)  # i·g, then + f·c_{t-1} step by step
+            i = a[..., :H]
+            torch.mul(i, a[..., 2 * H: 3 * H], out=cb).mul_(2).sub_(i)  # i·g, then + f·c_{t-1} step by step
             for f_t, c_t in zip(a[..., H: 2 * H].unbind(0), cb.unbind(0)):
                 c = c_t.addcmul_(f_t, c)
             if ms is not None:
@@ -126,17 +132,16 @@ class LSTMRecurrence(torch.autograd.Function):
         carried c_{t-1} rather than c̃_t, get finite factors that only ever multiply zeros.)"""
         H = cs.shape[-1]
         a = gates[s:e]
-        i, g, o = a[..., :H], a[..., 2 * H: 3 * H], a[..., 3 * H:]
-        torch.addcmul(a, a, a, value=-1, out=Q)  # a(1 − a): σ' of i, f, o
+        i, sg, o = a[..., :H], a[..., 2 * H: 3 * H], a[..., 3 * H:]
+        torch.addcmul(a, a, a, value=-1, out=Q)  # a(1 − a): σ' of i, f, o; s(1 − s) = (1 − g²)/4 for g
         qi, qf, qg, qo = (Q[..., k * H: (k + 1) * H] for k in range(4))
-        qg.add_(1).sub_(g)  # g − g² + 1 − g = 1 − g²
-        qi.mul_(g)
+        qi.mul_(torch.mul(sg, 2, out=A).sub_(1))  # σ'(i)·g with g = 2s − 1 (A as scratch)
+        qg.mul_(i).mul_(4)  # (1 − g²)·i
         if s == 0:
             qf[0].mul_(c0)
             qf[1:].mul_(cs[: e - 1])
         else:
             qf.mul_(cs[s - 1: e - 1])
-        qg.mul_(i)
         k = torch.tanh(cs[s:e], out=A)  # A holds tanh(c) until the last product
         qo.mul_(k)
         torch.addcmul(o, o, k.mul_(k), value=-1, out=A)  # o(1 − tanh²c)
