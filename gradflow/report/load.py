@@ -46,6 +46,8 @@ _RANGES = {
     "horizon": (0.0, math.inf, "a number of steps"),
     "cosine": (-1.0 - 1e-6, 1.0 + 1e-6, "a cosine"),
 }
+# numeric result columns of sweep.csv (the axes are the user's: any values)
+_SWEEP_NUMERIC = ("eval_metric", "chance", "decay_rate", "ci_low", "ci_high", "horizon", "diverged_at")
 # text columns with a fixed set of values
 _CHOICES = {"when": ("before", "after")}
 # columns that index something: finite whole numbers >= 0 (direction: 0 or 1)
@@ -243,6 +245,15 @@ def read_sweep(study: Path) -> tuple[pd.DataFrame, list[str]]:
     missing = [c for c in ("run", "key", "eval_metric", "horizon") if c not in df.columns]
     if missing:
         raise GradflowError(f"{f}: missing column(s) {', '.join(missing)}")
+    for col in _SWEEP_NUMERIC:  # empty (a failed run) is NaN; text is damage
+        if col in df.columns:
+            num = pd.to_numeric(df[col], errors="coerce")
+            bad = num.isna() & df[col].notna()
+            if bad.any():
+                i = int(bad.to_numpy().nonzero()[0][0])
+                raise GradflowError(f"{f}: column {col!r} must be numeric, row {i + 2} holds {df[col].iloc[i]!r}")
+            df[col] = num.astype(float)
+            _check_range(df[col], f, col)
     meta = _io.read_json(Path(study) / "study.json")
     axes = (meta.get("sweep") or {}).get("axes") if isinstance(meta, dict) else None
     if not (isinstance(axes, list) and all(isinstance(a, str) for a in axes)):

@@ -72,6 +72,11 @@ def pristine(tmp_path_factory) -> Path:
     spec = root / "tiny.toml"
     spec.write_text(textwrap.dedent(SPEC))
     run_study(load_spec(spec), root / "study", progress=False, echo=lambda s: None)
+    # a sweep directory also holds sweep.csv (as gradflow sweep writes it: run, dir, axes, results)
+    pd.DataFrame([dict(run="lstm", dir="lstm", cell="lstm", gain=g, status="finished", eval_metric=0.4 + g / 10,
+                       chance=0.25, solved=False, diverged_at=None, key="rnn/l0/d0/h", decay_rate=-0.1, ci_low=-0.2,
+                       ci_high=0.0, horizon=5.0 * g, horizon_censored=False, error=None) for g in (0.5, 1.0)]
+                 ).to_csv(root / "study" / "sweep.csv", index=False)
     return root / "study"
 
 
@@ -97,7 +102,7 @@ def _readers_for(study: Path, f: Path, light: bool = False):
             tr = Trace.load(f.parent)
             tr.to_frame(), tr.nonfinite(), repr(tr)
         return [("Trace.load", trace_api), ("gradflow.load(trace)", lambda: gradflow.load(f.parent).to_frame())]
-    if f.name == "study.json":
+    if f.name in ("study.json", "sweep.csv"):
         return [("load_runs(study)", lambda: load_runs([study]))]
     if f.suffix == ".csv" and light:
         from gradflow.report.load import read_table
@@ -123,7 +128,7 @@ def _check_one_line(fn, f: Path, what: str):
 
 
 def _check_cli_report(study: Path, f: Path, out: Path, what: str):
-    target = study if f.name == "study.json" or f.parent.name == "trace" else _run(study)
+    target = study if f.name in ("study.json", "sweep.csv") or f.parent.name == "trace" else _run(study)
     r = CliRunner().invoke(cli, ["report", str(target), "--html", str(out)])
     if r.exit_code == 0:
         return None
@@ -365,14 +370,14 @@ def _mutants(f: Path, data: bytes, rng: random.Random, n: int):
     return out
 
 
-MUTANTS_PER_FILE = 20
+MUTANTS_PER_FILE = 30
 CLI_CASES = 4  # damaged files that load are also fed to `gradflow report DIR` (it draws: slow)
 
 
 def test_corrupt_file_fuzzer(study, tmp_path):
     rng = random.Random(12)
     files = sorted(p for p in study.rglob("*") if p.is_file())
-    assert {p.name for p in files} >= {"run.json", "study.json", "trace.json", "arrays.npz", "norms.csv",
+    assert {p.name for p in files} >= {"run.json", "study.json", "sweep.csv", "trace.json", "arrays.npz", "norms.csv",
                                        "spectra.csv", "metrics.csv", "gradnorms.csv", "summary.csv"}
     tried, refused, cli_done, failures = 0, 0, 0, []
     cli_candidates = []
@@ -401,6 +406,8 @@ def test_corrupt_file_fuzzer(study, tmp_path):
             failures.append(str(exc))
         cli_done += 1
         f.write_bytes(original)
+    print(f"corrupt-file fuzzer: {len(files)} files, {tried} reads of damaged files, {refused} refused in one "
+          f"line, {cli_done} through gradflow report")
     assert not failures, f"{len(failures)} of {tried} reads failed:\n" + "\n".join(failures[:25])
     assert refused > tried // 3  # most damage is noticed, not silently read
     assert cli_done >= 2
@@ -408,7 +415,7 @@ def test_corrupt_file_fuzzer(study, tmp_path):
 
 def test_gradflow_report_names_the_damaged_file(study, tmp_path):
     for rel, data in [("lstm/run.json", b"\xff\xfe{}"), ("lstm/spectra.csv", b"run,key,t,b,rank,sigma\nlstm,x,0,0,0,-1\n"),
-                      ("study.json", b"[" * 100_000)]:
+                      ("study.json", b"[" * 100_000), ("sweep.csv", b"run,key,eval_metric,horizon\nlstm,k,high,3\n")]:
         f = study / rel
         original = f.read_bytes()
         f.write_bytes(data)
