@@ -36,7 +36,9 @@ from ..errors import GradflowError
 from . import _util
 from ..trace import Trace
 from .jacobian import linearize_trace
-from .spectra import _as_operator
+from .linear import linearize
+from .topk import oversampled, product_topk
+from .spectra import _as_operator, _reference_tensor, on_device, resolve_device
 
 __all__ = ["product_singular_values", "product_spectrum", "lyapunov_exponents", "lyapunov_spectrum", "LyapunovResult"]
 
@@ -121,7 +123,7 @@ def _log_svd(ell, N, max_iter: int = 60, tol: float = 1e-13):
     if not bool(need.any()):
         return out
     ell, N = ell[need], N[need]
-    eye = torch.eye(N.shape[-1], dtype=N.dtype).expand_as(N)
+    eye = torch.eye(N.shape[-1], dtype=N.dtype, device=N.device).expand_as(N)
     diag = None
     for _ in range(max_iter):
         ell, N = _graded_step(ell, N, eye)
@@ -150,37 +152,58 @@ def _log_svd(ell, N, max_iter: int = 60, tol: float = 1e-13):
     return out
 
 
+def _on(op, device, fn):
+    """(float64 operator on the resolved device, device)."""
+    op = _as_operator(op)
+    dev = resolve_device(device, _reference_tensor(op), fn)
+    return on_device(op.to(torch.float64), dev), dev
+
+
 @_util.single_threaded
-def product_singular_values(J, *, distances=None, start: int = 0, mask=None) -> torch.Tensor:
-    """ln σ_i(P_d) for each requested distance -> [len(distances), B, S] float64, descending.
+def product_singular_values(J, *, distances=None, start: int = 0, mask=None, k: int | None = None,
+                            device=None) -> torch.Tensor:
+    """ln σ_i(P_d) for each requested distance -> [len(distances), B, S] (or [.., k]) float64 (CPU), descending.
 
     J: explicit Jacobians [T, B, S, S] or a Linearization, in step order; distances: increasing ints
     in 1..T-start (default all); start: first step of the products; mask [T, B] (False = identity
-    step, e.g. ``trace.mask`` flipped for direction 1). -inf marks an exactly singular product."""
-    op = _as_operator(J).to(torch.float64)
+    step, e.g. ``trace.mask`` flipped for direction 1). -inf marks an exactly singular product.
+    k: only the k largest, matrix-free (k-column frames carried with QR, subspace iteration and a
+    block Krylov at short distances: :mod:`gradflow.analysis.topk`); None: all S (a full frame).
+    Diagonal structures are exact per unit either way. device: where to compute (default: the
+    operator's device when it is CUDA, else CPU)."""
+    op, dev = _on(J, device, "product_singular_values")
     T, B, S = op.shape
     mask = _util.check_mask(mask, T, B, "product_singular_values")
     start = _util.positive_int(start, "start", "product_singular_values", allow_zero=True)
     if start >= T:
         raise GradflowError(f"product_singular_values: start={start} must be < T={T}")
+    if k is not None:
+        k = _util.positive_int(k, "k", "product_singular_values")
+        if k > S:
+            raise GradflowError(f"product_singular_values: k={k} exceeds the state size S={S}")
     ds = list(range(1, T - start + 1)) if distances is None else [int(d) for d in distances]
     if not ds or ds != sorted(set(ds)) or ds[0] < 1 or ds[-1] > T - start:
         raise GradflowError(f"product_singular_values: distances must be increasing ints in 1..{T - start}, got {ds[:6]}")
     if _structured(op):  # per-unit products: exact, no QR
-        cs = _log_moduli(op, mask)[start:start + ds[-1]].cumsum(0)
-        return cs[[d - 1 for d in ds]].sort(-1, descending=True).values
-    Q = torch.eye(S, dtype=torch.float64).expand(B, S, S).clone()
-    ell = torch.zeros(B, S, dtype=torch.float64)
+        cs = _log_moduli(op, None if mask is None else mask.to(dev))[start:start + ds[-1]].cumsum(0)
+        out = cs[[d - 1 for d in ds]].sort(-1, descending=True).values
+        return (out if k is None else out[..., :k]).cpu()
+    if k is not None and oversampled(k, S) < S:
+        return product_topk(op, ds, start, k, mask, dev).cpu()
+    mask = None if mask is None else mask.to(dev)
+    Q = torch.eye(S, dtype=torch.float64, device=dev).expand(B, S, S).clone()
+    ell = torch.zeros(B, S, dtype=torch.float64, device=dev)
     N = Q.clone()
     out, want = [], set(ds)
     for d in range(1, ds[-1] + 1):
-        k = start + d - 1
-        Zr = _rows(op, Q.permute(2, 0, 1).contiguous(), k, None if mask is None else mask[k])
+        j = start + d - 1
+        Zr = _rows(op, Q.permute(2, 0, 1).contiguous(), j, None if mask is None else mask[j])
         Q, R = _qr(Zr.permute(1, 2, 0))
         ell, N = _scaled_product(R, ell, N)
         if d in want:
             out.append(_log_svd(ell, N))
-    return torch.stack(out)
+    out = torch.stack(out)
+    return (out if k is None else out[..., :k]).cpu()
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,55 +224,96 @@ class LyapunovResult:
 
 
 def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, blocks: int = 8,
-                       seed: int = 0, threads: int | None = None) -> LyapunovResult:
+                       seed: int = 0, threads: int | None = None, device=None, chunk: int | None = None,
+                       frame: str = "identity") -> LyapunovResult:
     """Lyapunov spectrum of the step-ordered Jacobians J (explicit [T, B, S, S] or a Linearization).
 
     warmup: steps run (to align Q with the dominant directions) but not averaged; k: number of
-    exponents (default S; with k < S, Q_0 is a random orthonormal [S, k] frame); mask [T, B]: steps
+    exponents (default S; with k < S, Q_0 is the first k columns of a random orthogonal S×S frame — that
+    of ``frame='random'``, so the top-k run follows the leading columns of that full run exactly and
+    both give the same top k exponents; ``frame='identity'``, the default, starts a full run from I,
+    exact at once for constant diagonal maps); mask [T, B]: steps
     that are False are identity maps and not counted. Batch items are independent: they are swept
     in ``threads`` groups in parallel, each with one intra-op thread (default: torch's intra-op
-    thread count, at most the cores, and fewer while a group's step would cost under ~2 Mflop)."""
-    op = _as_operator(J).to(torch.float64)
-    T, B, S = op.shape
-    mask = _util.check_mask(mask, T, B, "lyapunov_exponents")
-    warmup = _util.positive_int(warmup, "warmup", "lyapunov_exponents", allow_zero=True)
+    thread count, at most the cores, and fewer while a group's step would cost under ~2 Mflop).
+    device: where to compute (default: the operator's device when it is CUDA, else CPU); chunk:
+    steps handed to the sweep at once (the sweep itself only ever holds O(B·S·k)). Results on the CPU."""
+    op, dev = _on(J, device, "lyapunov_exponents")
+    T = op.shape[0]
+    # a ChunkedLinearization is swept one of its own chunks at a time (its coefficients for all T are never held)
+    chunk = (getattr(op, "chunk", None) or T) if chunk is None else _util.positive_int(chunk, "chunk", "lyapunov_exponents")
+    return _lyapunov(lambda a, b: op.select(slice(a, b)), op, T, mask, warmup, k, blocks, seed, threads, dev, chunk,
+                     frame)
+
+
+def _lyapunov(get, probe, T, mask, warmup, k, blocks, seed, threads, dev, chunk, frame) -> LyapunovResult:
+    """The Lyapunov sweep over the steps of ``get(a, b)`` (the float64 operator of steps a..b-1 on
+    ``dev``), ``chunk`` steps at a time; ``probe``: an operator with the shape and kind of all steps."""
+    _, B, S = probe.shape
+    fn = "lyapunov_exponents"
+    mask = _util.check_mask(mask, T, B, fn)
+    warmup = _util.positive_int(warmup, "warmup", fn, allow_zero=True)
     if warmup >= T:
         raise GradflowError(f"lyapunov_exponents: warmup={warmup} leaves no steps of T={T}")
-    k = S if k is None else _util.positive_int(k, "k", "lyapunov_exponents")
+    k = S if k is None else _util.positive_int(k, "k", fn)
     if k > S:
         raise GradflowError(f"lyapunov_exponents: k={k} exceeds the state size S={S}")
     if threads is None:
         threads = min(torch.get_num_threads(), os.cpu_count() or 1, max(1, B * k * S * S // _THREAD_FLOPS))
     threads = max(1, min(int(threads), B))
-    if getattr(op, "step", None) is not None:
-        threads = 1  # torch.func's forward-AD levels are per process, not per thread
+    if getattr(probe, "step", None) is not None or dev.type != "cpu":
+        threads = 1  # torch.func's forward-AD levels are per process, not per thread; one stream on a GPU
 
-    if k == S:
+    if frame not in ("identity", "random"):
+        raise GradflowError(f"lyapunov_exponents: frame={frame!r} must be 'identity' or 'random'")
+    if k == S and frame == "identity":
         Q = torch.eye(S, dtype=torch.float64).expand(B, S, S).clone()
-    else:
-        g = torch.Generator().manual_seed(seed)
-        Q = torch.linalg.qr(torch.randn(S, k, generator=g, dtype=torch.float64)).Q.expand(B, S, k).clone()
-    valid = torch.ones(T, B, dtype=torch.bool) if mask is None else mask
+    else:  # the leading k columns of one random orthogonal S×S frame: a k < S run follows the first k
+        g = torch.Generator().manual_seed(seed)  # columns of the frame='random' full run exactly
+        Q = torch.linalg.qr(torch.randn(S, S, generator=g, dtype=torch.float64)[:, :k]).Q.expand(B, S, k).clone()
+    Q = Q.to(dev)
+    valid = torch.ones(T, B, dtype=torch.bool) if mask is None else mask.cpu()
     counted = valid.clone()
     counted[:warmup] = False
     nblk = max(1, min(blocks, T - warmup))
     edges = [warmup + round(i * (T - warmup) / nblk) for i in range(nblk + 1)]
     groups = [idx for idx in torch.arange(B).tensor_split(threads) if idx.numel()]
-
-    def sweep(idx):
-        sub = op if len(groups) == 1 else op.select_batch(idx)
-        return _lyapunov_sweep(sub, Q[idx], valid[:, idx], counted[:, idx], warmup, edges)
-
-    if _structured(op):
-        blk_sum, blk_n = _structured_blocks(op, counted, edges, k)
+    blk_sum = torch.zeros(nblk, B, k, dtype=torch.float64)
+    blk_n = torch.zeros(nblk, B, dtype=torch.float64)
+    if _structured(probe):
+        lm_sum = torch.zeros(nblk, B, S, dtype=torch.float64)
+        for a in range(0, T, chunk):
+            b = min(T, a + chunk)
+            lm = _log_moduli(get(a, b), counted[a:b].to(dev)).cpu()
+            for i in range(nblk):
+                lo, hi = max(a, edges[i]), min(b, edges[i + 1])
+                if lo < hi:
+                    lm_sum[i] += lm[lo - a:hi - a].sum(0)
+        for i in range(nblk):
+            blk_n[i] = counted[edges[i]:edges[i + 1]].sum(0).to(torch.float64)
+        blk_sum = _top_units(lm_sum, blk_n, k)
     else:
+        state = {int(idx[0]): (Q[idx.to(dev)], 1) for idx in groups}
         with _util.intra_op_threads(1):
-            if len(groups) == 1:
-                parts = [sweep(groups[0])]
-            else:
-                with ThreadPoolExecutor(len(groups)) as ex:
-                    parts = list(ex.map(sweep, groups))
-        blk_sum, blk_n = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+            for a in range(0, T, chunk):
+                b = min(T, a + chunk)
+                op = get(a, b)
+
+                def sweep(idx, op=op, a=a):
+                    sub = op if len(groups) == 1 else op.select_batch(idx.to(dev))
+                    Qg, span = state[int(idx[0])]
+                    bs, bn, Qg, span = _lyapunov_sweep(sub, Qg, valid[:, idx], counted[:, idx], warmup, edges, a, span)
+                    state[int(idx[0])] = (Qg, span)
+                    return idx, bs, bn
+
+                if len(groups) == 1:
+                    parts = [sweep(groups[0])]
+                else:
+                    with ThreadPoolExecutor(len(groups)) as ex:
+                        parts = list(ex.map(sweep, groups))
+                for idx, bs, bn in parts:
+                    blk_sum[:, idx] += bs
+                    blk_n[:, idx] += bn
     total, n_tot = blk_sum.sum(0), blk_n.sum(0)
     ex = total / n_tot.clamp_min(1)[:, None]
     order = ex.argsort(-1, descending=True)
@@ -267,25 +331,26 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
     return LyapunovResult(ex.gather(-1, order), stderr, drift, running, n_tot, warmup)
 
 
-def _structured_blocks(op, counted, edges: list[int], k: int):
-    """Per-block sums of ln|d_k| [nblk, B, k] and counts [nblk, B] of a diagonal-structured op, for the
-    k units with the largest averages (the exponents a k-column QR frame converges to)."""
-    lm = _log_moduli(op, counted)
-    blk_sum = torch.stack([lm[a:b].sum(0) for a, b in zip(edges[:-1], edges[1:])])
-    blk_n = torch.stack([counted[a:b].sum(0).to(torch.float64) for a, b in zip(edges[:-1], edges[1:])])
-    if k < lm.shape[-1]:
-        top = (blk_sum.sum(0) / blk_n.sum(0).clamp_min(1)[:, None]).argsort(-1, descending=True)[:, :k]
-        blk_sum = blk_sum.gather(-1, top.expand(len(blk_sum), *top.shape))
-    return blk_sum, blk_n
+def _top_units(lm_sum, blk_n, k: int):
+    """Per-block sums of ln|d_k| [nblk, B, S] of a diagonal-structured op -> those of the k units with the
+    largest averages (the exponents a k-column QR frame converges to)."""
+    if k < lm_sum.shape[-1]:
+        top = (lm_sum.sum(0) / blk_n.sum(0).clamp_min(1)[:, None]).argsort(-1, descending=True)[:, :k]
+        lm_sum = lm_sum.gather(-1, top.expand(len(lm_sum), *top.shape))
+    return lm_sum
 
 
-def _lyapunov_sweep(op, Q, valid, counted, warmup: int, edges: list[int]):
-    """QR propagation of the frames Q [B, S, k] through all steps of ``op``; returns the per-block sums
-    of ln|R_ii| [nblk, B, k] and valid-step counts [nblk, B] of the statistics blocks ``edges``."""
-    T, B, _ = op.shape
+def _lyapunov_sweep(op, Q, valid, counted, warmup: int, edges: list[int], t0: int = 0, span: int = 1):
+    """QR propagation of the frames Q [B, S, k] through the steps t0 .. t0+n-1 held by ``op`` (n steps);
+    valid/counted [T, B] of all steps. Returns the per-block sums of ln|R_ii| [nblk, B, k] and
+    valid-step counts [nblk, B] of the statistics blocks ``edges`` (CPU), the frames and the span."""
+    n, B, _ = op.shape
+    T = t0 + n
     k = Q.shape[-1]
     nblk = len(edges) - 1
+    dev = Q.device
     full = valid.all(1).tolist()
+    valid_d = valid.to(dev)
     blk_sum = torch.zeros(nblk, B, k, dtype=torch.float64)
     blk_n = torch.zeros(nblk, B, dtype=torch.float64)
     # The kind decides when forming each J_t (vectorised over steps) and one batched J Q is cheaper
@@ -293,24 +358,23 @@ def _lyapunov_sweep(op, Q, valid, counted, warmup: int, edges: list[int]):
     S = op.shape[2]
     dense = bool(getattr(op, "dense_sweep", lambda k: False)(k))
     chunk = max(1, _DENSE_ELEMS // max(1, B * S * S))  # steps of dense Jacobians held at once
-    span = 1
-    t = 0
+    t = t0
     while t < T:
-        # one block: steps t .. e-1, never crossing a warm-up or statistics-block edge
+        # one block: steps t .. e-1, never crossing a warm-up or statistics-block edge (or the chunk's end)
         e = min(T, t + span, min(x for x in edges + [T] if x > t))
         if dense:
             Z = Q
             for a in range(t, e, chunk):
-                Jc = op.select(slice(a, min(e, a + chunk))).dense()  # masked steps: identity
+                Jc = op.select(slice(a - t0, min(e, a + chunk) - t0)).dense()  # masked steps: identity
                 for Jj in Jc:
                     Z = torch.bmm(Jj, Z)
         else:
             Zr = Q.permute(2, 0, 1).contiguous()  # rows [k, B, S]
             for j in range(t, e):
-                Zr = _rows(op, Zr, j, None if full[j] else valid[j])
+                Zr = _rows(op, Zr, j - t0, None if full[j] else valid_d[j])
             Z = Zr.permute(1, 2, 0)
         Q, R = _qr(Z)
-        lr = _logabs(R.diagonal(dim1=-2, dim2=-1))  # [B, k], the sum over the block's steps
+        lr = _logabs(R.diagonal(dim1=-2, dim2=-1)).cpu()  # [B, k], the sum over the block's steps
         if e > warmup:
             blk = max(i for i in range(nblk) if edges[i] <= t)
             blk_sum[blk] += lr
@@ -320,30 +384,54 @@ def _lyapunov_sweep(op, Q, valid, counted, warmup: int, edges: list[int]):
         spread = ((lr.amax(-1) - lr.amin(-1)).amax() / (e - t)) if bool(torch.isfinite(lr).all()) else math.inf
         span = max(1, min(64, int(min(_SPREAD / max(float(spread), 1e-12), _RANGE / max(float(per), 1e-12)))))
         t = e
-    return blk_sum, blk_n
+    return blk_sum, blk_n, Q, span
 
 
-def _step_ordered(trace: Trace, key):
+def _trace_steps(trace: Trace, key, device, fn: str):
+    """(get(a, b) -> float64 Linearization of steps a..b-1 in processing order on the device, T, mask in
+    step order [T, B], device). Each call linearizes only those steps (a time chunk of the trace)."""
     k = _util.resolve(trace, key)
-    op = linearize_trace(trace, k, dtype=torch.float64)
-    mask = trace.mask(k)
-    if k.direction == 1:
-        op, mask = op.flip(), mask.flip(0)
-    return op, mask
+    cell, params, x, prev, mask = _util.unit_data(trace, k)
+    dev = resolve_device(device, x, fn)
+    step = trace.step_function(k)
+    T = int(x.shape[0])
+    flip = k.direction == 1
+    params = None if params is None else {n: v.to(dev) for n, v in params.items()}
+
+    def get(a: int, b: int):
+        lo, hi = (T - b, T - a) if flip else (a, b)
+        op = linearize(cell, params, x[lo:hi].to(dev), tuple(p[lo:hi].to(dev) for p in prev),
+                       mask=mask[lo:hi].to(dev), step=step, dtype=torch.float64)
+        return op.flip() if flip else op
+
+    return get, T, (mask.flip(0) if flip else mask), dev
 
 
-def product_spectrum(trace: Trace, key, *, distances=None, start: int = 0) -> torch.Tensor:
+def product_spectrum(trace: Trace, key, *, distances=None, start: int = 0, k: int | None = None,
+                     device=None) -> torch.Tensor:
     """ln σ_i(∂s_{k+d-1}/∂s_{k-1}) of the joint state of ``key``'s unit, k = ``start`` in processing
     order (step 0 is position 0 for direction 0, position T-1 for direction 1) -> [len(distances), B,
-    S] float64, descending. See :func:`product_singular_values`."""
-    op, mask = _step_ordered(trace, key)
-    return product_singular_values(op, distances=distances, start=start, mask=mask)
+    S] (or the top ``k``, matrix-free) float64, descending. Only the steps the products cover are
+    linearized. See :func:`product_singular_values`."""
+    get, T, mask, dev = _trace_steps(trace, key, device, "product_spectrum")
+    start = _util.positive_int(start, "start", "product_spectrum", allow_zero=True)
+    if start >= T:
+        raise GradflowError(f"product_spectrum: start={start} must be < T={T}")
+    ds = list(range(1, T - start + 1)) if distances is None else [int(d) for d in distances]
+    if not ds or ds != sorted(set(ds)) or ds[0] < 1 or ds[-1] > T - start:
+        raise GradflowError(f"product_spectrum: distances must be increasing ints in 1..{T - start}, got {ds[:6]}")
+    stop = start + ds[-1]
+    return product_singular_values(get(start, stop), distances=ds, mask=mask[start:stop], k=k, device=dev)
 
 
 def lyapunov_spectrum(trace: Trace, key, *, warmup: int = 0, k: int | None = None, blocks: int = 8,
-                      seed: int = 0, threads: int | None = None) -> LyapunovResult:
+                      seed: int = 0, threads: int | None = None, device=None,
+                      chunk: int | None = None, frame: str = "identity") -> LyapunovResult:
     """Lyapunov exponents (ln per step, descending, per batch item) of the joint state of ``key``'s unit
     along the recorded sequence, from its per-step Jacobians in processing order; masked steps are
-    not counted. See :func:`lyapunov_exponents`."""
-    op, mask = _step_ordered(trace, key)
-    return lyapunov_exponents(op, warmup=warmup, k=k, mask=mask, blocks=blocks, seed=seed, threads=threads)
+    not counted. chunk: steps linearized at once (None: all): the coefficients of only ``chunk``
+    steps are held, whatever T. See :func:`lyapunov_exponents`."""
+    get, T, mask, dev = _trace_steps(trace, key, device, "lyapunov_spectrum")
+    chunk = T if chunk is None else _util.positive_int(chunk, "chunk", "lyapunov_spectrum")
+    probe = get(0, 1)
+    return _lyapunov(get, probe, T, mask, warmup, k, blocks, seed, threads, dev, min(chunk, T), frame)

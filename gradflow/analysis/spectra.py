@@ -10,15 +10,22 @@ values sorted in descending order along the last dimension.
   recomputed in float64 so that small singular values keep their relative accuracy ("float64 only
   where needed"; when most matrices need it, as for saturated LSTM gates, the rest go straight to
   float64). ``refine=0`` keeps plain float32.
-* Matrix-free top-k (:func:`top_singular_values`) runs a randomized block Krylov method on JᵀJ
-  with Rayleigh–Ritz: only products J V and Jᵀ U (JVP/VJP, or the factored closed form), never
-  an S×S matrix.
+* Matrix-free top-k (:func:`top_singular_values`) and bottom-k (:func:`smallest_singular_values`) run
+  a randomized block Krylov method on JᵀJ with Rayleigh–Ritz: only products J V and Jᵀ U (JVP/VJP,
+  or the factored closed form), never an S×S matrix. Rayleigh–Ritz takes the singular values of
+  J Q (Q the orthonormal Krylov basis), not the eigenvalues of QᵀJᵀJQ: their absolute error is
+  ≈ eps·σ_1 instead of eps·σ_1², so σ_i keeps a relative accuracy of eps·σ_1/σ_i (not its square) —
+  what makes a small σ_min trustworthy. Both work on time chunks of ``chunk`` steps (working memory
+  ≈ chunk·B·S·basis floats, whatever T), at the timesteps ``steps`` only if given, on ``device``
+  (default: the operator's device when it is CUDA, else CPU); results come back on the CPU.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
@@ -26,7 +33,7 @@ from ..errors import GradflowError
 from . import _util
 
 __all__ = ["singular_values", "eigenvalue_moduli", "spectral_radius", "step_summary", "top_singular_values",
-           "DenseOperator"]
+           "smallest_singular_values", "DenseOperator"]
 
 
 def _finite_or(J: torch.Tensor, fn: str, on_nonfinite: str):
@@ -142,8 +149,12 @@ class DenseOperator:
     def dtype(self):
         return self.J.dtype
 
-    def to(self, dtype):
-        return DenseOperator(self.J.to(dtype))
+    def to(self, dtype=None, device=None):
+        return DenseOperator(self.J.to(device=device, dtype=dtype))
+
+    def select(self, index):
+        """The operator restricted to steps ``index`` (int, slice or index tensor along T)."""
+        return DenseOperator(self.J[index:index + 1] if isinstance(index, int) else self.J[index])
 
     def select_batch(self, idx):
         """The same steps for batch items ``idx`` only."""
@@ -170,6 +181,69 @@ def _as_operator(op):
     return op
 
 
+
+
+# ---------------------------------------------------------------------------------------- device
+def resolve_device(device=None, like: torch.Tensor | None = None, fn: str = "analysis") -> torch.device:
+    """The device an analysis runs on: ``device`` when given ("cpu", "cuda", "cuda:N", "mps"; a one-line
+    GradflowError when it is not available here), else ``like``'s device when it is CUDA (and CUDA is
+    available), else the CPU."""
+    if device is None:
+        if like is not None and like.device.type == "cuda" and torch.cuda.is_available():
+            return like.device
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise GradflowError(f"{fn}: device={device!r} is not a device ('cpu', 'cuda', 'cuda:N' or 'mps')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GradflowError(f"{fn}: device={device!r} but CUDA is not available in this process; pass device='cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise GradflowError(f"{fn}: device={device!r} but MPS is not available in this process; pass device='cpu'")
+    return dev
+
+
+def _reference_tensor(op):
+    if isinstance(op, DenseOperator):
+        return op.J
+    if getattr(op, "device", None) is not None:  # ChunkedLinearization built onto a device
+        return torch.empty(0, device=op.device)
+    coef = getattr(op, "coef", None)
+    if coef:
+        return next(iter(coef.values()))
+    return getattr(op, "x", None)
+
+
+def on_device(op, device: torch.device):
+    """``op`` (DenseOperator, Linearization or ChunkedLinearization) with its tensors on ``device``
+    (itself when already there). A ChunkedLinearization moves each chunk as it is built."""
+    if hasattr(op, "positions"):  # ChunkedLinearization: linearizes chunk by chunk onto its device
+        return op if getattr(op, "device", None) == device or device.type == "cpu" and op.device is None \
+            else replace(op, device=device, _cache={})
+    ref = _reference_tensor(op)
+    if ref is None or ref.device == device:
+        return op
+    if isinstance(op, DenseOperator):
+        return DenseOperator(op.J.to(device))
+    mv = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    return replace(op, coef={n: v.to(device) for n, v in op.coef.items()},
+                   weights={n: v.to(device) for n, v in op.weights.items()}, mask=mv(op.mask), x=mv(op.x),
+                   prev=tuple(p.to(device) for p in op.prev))
+
+
+def _prepare(op, fn: str, device, steps):
+    """(float64 operator on the device, T, B, S) restricted to ``steps`` (indices along T) if given."""
+    op = _as_operator(op)
+    T = op.shape[0]
+    if steps is not None:
+        idx = torch.as_tensor(steps, dtype=torch.long).flatten()
+        if idx.numel() == 0 or bool(((idx < 0) | (idx >= T)).any()):
+            raise GradflowError(f"{fn}: steps must be indices in 0..{T - 1}, got {idx.tolist()[:6]}")
+        op = op.select(idx)
+    dev = resolve_device(device, _reference_tensor(op), fn)
+    return on_device(op.to(torch.float64), dev), dev
+
+
 def _orth_against(W, Q):
     """W - Q (Qᵀ W), twice (classical Gram–Schmidt with reorthogonalization)."""
     for _ in range(2):
@@ -177,44 +251,119 @@ def _orth_against(W, Q):
     return W
 
 
-def top_singular_values(op, k: int, *, block: int | None = None, tol: float = 1e-9, max_basis: int | None = None,
-                        seed: int = 0) -> torch.Tensor:
-    """Largest k singular values of every J_t, matrix-free -> [T, B, k] float64, descending.
+def _fresh(W, Q, generator):
+    return _orth_against(torch.randn(W.shape, generator=generator, dtype=W.dtype).to(W.device), Q)
+
+
+def _extend(W, Q, generator):
+    """An orthonormal block spanning W's directions outside span(Q), orthogonal to Q. Directions W
+    lacks (an invariant subspace was found, or W is rank-deficient: Householder QR then completes
+    its Q with arbitrary columns, possibly inside span(Q)) are replaced by fresh random ones."""
+    scale = W.norm(dim=-2, keepdim=True)
+    W = _orth_against(W, Q)
+    dead = W.norm(dim=-2, keepdim=True) <= 1e-10 * scale.clamp_min(1e-300)
+    if bool(dead.any()):
+        W = torch.where(dead, _fresh(W, Q, generator), W)
+    for _ in range(3):
+        W = _orth_against(torch.linalg.qr(W).Q, Q)
+        lost = W.norm(dim=-2, keepdim=True) < 0.5
+        if not bool(lost.any()):
+            break
+        W = torch.where(lost, _fresh(W, Q, generator), W)
+    return torch.linalg.qr(W).Q
+
+
+def block_krylov(matvec, rmatvec, V, k: int, *, cap: int, tol: float, generator, smallest: bool = False,
+                 log_scale=None) -> torch.Tensor:
+    """Ritz values of a batch of operators J (lead dims L) from the block Krylov space of JᵀJ.
+
+    matvec(V [*L, S, b]) -> J V and rmatvec(U) -> Jᵀ U; V: the orthonormal start block. The space
+    span{V, (JᵀJ)V, …} grows one block per iteration; Rayleigh–Ritz uses the singular values of
+    J Q. Stops when the k largest (``smallest``: k smallest) Ritz values change by less than ``tol``
+    relative (the smallest: relative to max(σ, 1e-14·σ_1), so that exact zeros converge) or the
+    basis reaches ``cap`` columns (cap = S: exact). Returns [*L, k] descending; ``log_scale`` [*L]
+    (J given scaled by e^-log_scale) -> ln σ instead."""
+    b = V.shape[-1]
+    Qs, Ys = [V], [matvec(V)]
+    prev = None
+    while True:
+        Q, Y = torch.cat(Qs, -1), torch.cat(Ys, -1)
+        sv = torch.linalg.svdvals(Y)
+        ritz = sv[..., -k:] if smallest else sv[..., :k]
+        if prev is not None:
+            floor = (sv[..., :1] * 1e-14).clamp_min(torch.finfo(sv.dtype).tiny)
+            change = ((ritz - prev).abs() / torch.maximum(ritz, floor)).max()
+            if float(change) <= tol:
+                break
+        if Q.shape[-1] >= cap:
+            break
+        prev = ritz
+        nb = min(b, cap - Q.shape[-1])
+        W = _extend(rmatvec(Ys[-1][..., :nb]), Q, generator)  # (JᵀJ) q for the newest block
+        Qs.append(W)
+        Ys.append(matvec(W))
+    if log_scale is None:
+        return ritz
+    return torch.log(ritz) + log_scale[..., None]
+
+
+_CHUNK_BYTES = 1 << 28  # default working memory of one chunk of the Krylov routes
+
+
+def _per_step(op, k: int, fn: str, smallest: bool, block, tol, max_basis, seed, steps, chunk, device):
+    op, dev = _prepare(op, fn, device, steps)
+    T, B, S = op.shape
+    k = _util.positive_int(k, "k", fn)
+    if k > S:
+        raise GradflowError(f"{fn}: k={k} exceeds the state size S={S}")
+    b = min(S, block or max(k + 4, 2 * k))
+    cap = S if smallest else min(S, max_basis or S)
+    if chunk is None:
+        chunk = max(1, _CHUNK_BYTES // max(1, B * S * (cap + b) * 8 * 3))
+    chunk = _util.positive_int(chunk, "chunk", fn)
+    if getattr(op, "structure", "dense") != "dense":  # diagonal kinds: the per-unit moduli, exact
+        out = []
+        for a in range(0, T, chunk):
+            sv = op.select(slice(a, min(T, a + chunk))).moduli().to(torch.float64).sort(-1, descending=True).values
+            out.append((sv[..., -k:] if smallest else sv[..., :k]).cpu())
+        return torch.cat(out)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for a in range(0, T, chunk):
+        sub = op.select(slice(a, min(T, a + chunk)))
+        n = sub.shape[0]
+        V = torch.linalg.qr(torch.randn(n, B, S, b, generator=g, dtype=torch.float64).to(dev)).Q
+        out.append(block_krylov(sub.matvec, sub.rmatvec, V, k, cap=cap, tol=tol, generator=g,
+                                smallest=smallest).cpu())
+    return torch.cat(out)
+
+
+def top_singular_values(op, k: int, *, block: int | None = None, tol: float = 1e-10, max_basis: int | None = None,
+                        seed: int = 0, steps=None, chunk: int | None = None, device=None) -> torch.Tensor:
+    """Largest k singular values of every J_t, matrix-free -> [T, B, k] float64 (CPU), descending.
 
     op: a :class:`~gradflow.analysis.Linearization` (from ``linearize_trace``; products via the factored
     closed form or JVP/VJP for custom cells) or explicit J [T, B, S, S]. Builds the block Krylov space
     span{V, (JᵀJ)V, (JᵀJ)²V, …} (block size ``block``, default max(k+4, 2k)) one block per iteration,
     with one J·V and one Jᵀ·U per block, and stops when the Ritz values σ_i(J Q) change by less than
-    ``tol`` (relative) or the basis spans the whole space."""
-    op = _as_operator(op)
-    T, B, S = op.shape
-    k = _util.positive_int(k, "k", "top_singular_values")
-    if k > S:
-        raise GradflowError(f"top_singular_values: k={k} exceeds the state size S={S}")
-    op = op.to(torch.float64)
-    b = min(S, block or max(k + 4, 2 * k))
-    cap = min(S, max_basis or S)
-    g = torch.Generator().manual_seed(seed)
-    V = torch.linalg.qr(torch.randn(T, B, S, b, generator=g, dtype=torch.float64)).Q
-    Qs, Ys = [V], [op.matvec(V)]
-    prev = None
-    while True:
-        Q, Y = torch.cat(Qs, -1), torch.cat(Ys, -1)
-        ritz = torch.linalg.svdvals(Y)[..., :k]
-        if prev is not None:
-            change = ((ritz - prev).abs() / ritz.clamp_min(torch.finfo(ritz.dtype).tiny)).max()
-            if float(change) <= tol:
-                return ritz
-        if Q.shape[-1] >= cap:
-            return ritz
-        prev = ritz
-        nb = min(b, cap - Q.shape[-1])
-        W = op.rmatvec(Ys[-1][..., :nb])  # (JᵀJ) q for the newest block
-        scale = W.norm(dim=-2, keepdim=True)
-        W = _orth_against(W, Q)
-        dead = W.norm(dim=-2, keepdim=True) <= 1e-10 * scale.clamp_min(1e-300)
-        if bool(dead.any()):  # invariant subspace found: continue with fresh random directions
-            W = torch.where(dead, _orth_against(torch.randn(W.shape, generator=g, dtype=W.dtype), Q), W)
-        W = torch.linalg.qr(_orth_against(W, Q)).Q
-        Qs.append(W)
-        Ys.append(op.matvec(W))
+    ``tol`` (relative) or the basis spans the whole space. steps: indices along T (only those steps,
+    result [len(steps), B, k]); chunk: steps processed at once (default: ~256 MB of Krylov basis);
+    device: where to compute (default: the operator's device when CUDA, else CPU)."""
+    return _per_step(op, k, "top_singular_values", False, block, tol, max_basis, seed, steps, chunk, device)
+
+
+def smallest_singular_values(op, k: int, *, block: int | None = None, tol: float = 1e-10, seed: int = 0, steps=None,
+                             chunk: int | None = None, device=None) -> torch.Tensor:
+    """Smallest k singular values σ_{S-k+1} ≥ … ≥ σ_S of every J_t, matrix-free -> [T, B, k] float64 (CPU).
+
+    The same block Krylov space of JᵀJ as :func:`top_singular_values`, read at its lower end. Why this
+    and not a shifted or inverse-free variant: Krylov spaces are shift-invariant, so LOBPCG or
+    Lanczos on σ²I − JᵀJ span the same space and converge no faster; inverse iteration needs solves
+    with J, which no kind provides matrix-free. Accuracy comes from Rayleigh–Ritz on the singular
+    values of J Q (absolute error ≈ eps·σ_1, i.e. relative eps·σ_1/σ_min, not its square): converged
+    Ritz values are accurate to ~1e-10 relative for σ_1/σ_min up to ~1e5. The lower end converges
+    when it is separated relative to σ_1² (dead or saturated units: exact zeros and tiny clusters
+    converge in a few blocks); otherwise the basis grows to S, where Rayleigh–Ritz is exact — the
+    cost then equals forming J, done ``chunk`` steps at a time. Arguments as for
+    :func:`top_singular_values`."""
+    return _per_step(op, k, "smallest_singular_values", True, block, tol, None, seed, steps, chunk, device)

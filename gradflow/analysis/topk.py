@@ -1,0 +1,163 @@
+"""Top-k singular values of products of Jacobians over distance, matrix-free, in the log domain.
+
+Step order (see :mod:`gradflow.analysis._util`): ``P_d = J[start+d-1] ⋯ J[start]``. Only products of
+k-column (k+p with oversampling p) frames with J and Jᵀ are formed — J V / Jᵀ U from a
+:class:`~gradflow.analysis.Linearization`'s closed form, batched over the batch items — never an S×S
+matrix. For each requested distance d:
+
+1. **Frames carried with QR.** A product applied to an orthonormal frame, ``P_d V``, is propagated
+   step by step with a QR factorisation at every step, ``J Q_{j-1} = Q_j R_j``, and the triangle
+   ``R_d ⋯ R_1`` kept with a per-row log scale (as the dense route of
+   :func:`~gradflow.analysis.product_singular_values`), so ln σ(P_d V) is exact to float64 relative
+   accuracy at every rank however far the spectrum spreads (e^±1000 included). σ_i(P_d V) ≤ σ_i(P_d),
+   with equality when V spans the top right singular subspace of P_d.
+2. **Subspace iteration.** One forward sweep from a random frame, shared by all distances, gives at
+   each d a frame U_d whose range approximates P_d's top left singular subspace (the range converges,
+   the singular values of P_d Q_0 never do: they keep the overlap with the random start). From U_d,
+   alternating passes ``Pᵀ U -> V``, ``P V -> U`` (each an exact QR-carried pass) are orthogonal
+   iteration on PᵀP: every half-pass shrinks the error by σ_{m+1}/σ_k, which at long distances is
+   e^{-(λ_k - λ_{m+1}) d} — one or two passes. Converged when two successive estimates agree to
+   ``tol`` (in ln σ).
+3. **Block Krylov on the chain** at short distances, where σ_{m+1}/σ_k is close to 1 (a single
+   Jacobian's top singular values are dense) and subspace iteration would crawl: block Lanczos on
+   P_dᵀ P_d with Rayleigh–Ritz by the singular values of P_d Q (see :mod:`gradflow.analysis.spectra`),
+   the chain applied step by step with a fixed per-step scale (so nothing overflows). Its absolute
+   error ≈ eps·d·σ_1(P_d) is small enough only while the top k spread by less than e^18 (a relative
+   error ≲ 1e-8·d at σ_k): beyond that spread the gaps are large and step 2 goes on instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _util
+from .spectra import block_krylov
+
+_KRYLOV_SPREAD = 18.0  # ln(σ_1/σ_k) + ln d below which the chain Krylov route is accurate (see the docstring)
+_MAX_HALF = 200  # half-passes of subspace iteration at most
+
+
+def oversampled(k: int, S: int) -> int:
+    """Columns of the frames carried for the top k: k + max(4, k/2), at most S."""
+    return min(S, k + max(4, k // 2))
+
+
+def apply_rows(op, R, j: int, transpose: bool, valid):
+    """Rows R [n, B, S] -> rows of J_j v (Jᵀ_j u); identity where ``valid`` [B] is False (None: all valid)."""
+    if hasattr(op, "apply_rows"):
+        out = op.apply_rows(R, j, transpose)
+    else:
+        fn = op.rmatvec if transpose else op.matvec
+        out = fn(R.permute(1, 2, 0), j).permute(2, 0, 1)
+    return out if valid is None else torch.where(valid[:, None], out, R)
+
+
+def qr_pass(op, Q, order, transpose: bool, valid_of):
+    """The product of the steps ``order`` (J_j, or J_jᵀ when ``transpose``; first step first) applied to
+    the orthonormal frame Q [B, S, m], carried with one QR per step. Returns (Q_end [B, S, m], ln σ of
+    the product restricted to Q [B, m] descending)."""
+    from .products import _log_svd, _scaled_product
+
+    B, _, m = Q.shape
+    ell = torch.zeros(B, m, dtype=Q.dtype, device=Q.device)
+    N = torch.eye(m, dtype=Q.dtype, device=Q.device).expand(B, m, m).clone()
+    for j in order:
+        Z = apply_rows(op, Q.permute(2, 0, 1).contiguous(), j, transpose, valid_of(j))
+        Q, R = torch.linalg.qr(Z.permute(1, 2, 0))
+        ell, N = _scaled_product(R, ell, N)
+    return Q, _log_svd(ell, N)
+
+
+class _Chain:
+    """P = J[steps[-1]] ⋯ J[steps[0]] as an operator on [B, S, b] blocks, scaled by e^{-log_scale} [B]
+    with per-step factors fixed by the first ``matvec`` (so that it stays one linear map)."""
+
+    def __init__(self, op, steps, valid_of):
+        self.op, self.steps, self.valid_of = op, list(steps), valid_of
+        self.logc = None
+
+    @property
+    def log_scale(self):
+        return self.logc.sum(0)
+
+    def matvec(self, V):
+        R = V.permute(2, 0, 1).contiguous()
+        logs = []
+        for i, j in enumerate(self.steps):
+            R = apply_rows(self.op, R, j, False, self.valid_of(j))
+            if self.logc is None:
+                c = R.abs().amax(dim=(0, 2)).clamp_min(torch.finfo(R.dtype).tiny)
+                logs.append(torch.log(c))
+                R = R / c[None, :, None]
+            else:
+                R = R * torch.exp(-self.logc[i])[None, :, None]
+        if self.logc is None:
+            self.logc = torch.stack(logs)
+        return R.permute(1, 2, 0)
+
+    def rmatvec(self, U):
+        R = U.permute(2, 0, 1).contiguous()
+        for i in range(len(self.steps) - 1, -1, -1):
+            R = apply_rows(self.op, R, self.steps[i], True, self.valid_of(self.steps[i])) * torch.exp(-self.logc[i])[
+                None, :, None]
+        return R.permute(1, 2, 0)
+
+
+def _agree(a, b, tol: float) -> bool:
+    """Two ln σ estimates [B, k] agree: equal where either is -inf, within ``tol`` elsewhere."""
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not bool((fa == fb).all()):
+        return False
+    both = fa & fb
+    return not bool(both.any()) or float((a - b)[both].abs().max()) <= tol
+
+
+def _one_distance(op, steps, valid_of, U, k: int, tol: float, generator):
+    """ln σ_1..k of P = J[steps[-1]] ⋯ J[steps[0]] [B, k] from the end frame U [B, S, m] (see the docstring)."""
+    rev = steps[::-1]
+    V, eb = qr_pass(op, U, rev, True, valid_of)
+    U, ef = qr_pass(op, V, steps, False, valid_of)
+    if _agree(ef[:, :k], eb[:, :k], tol):
+        return ef[:, :k]
+    spread = float((ef[:, 0] - ef[:, k - 1]).max()) + math.log(len(steps))
+    if math.isfinite(spread) and spread <= _KRYLOV_SPREAD:
+        chain = _Chain(op, steps, valid_of)
+        ritz = block_krylov(chain.matvec, chain.rmatvec, V, k, cap=V.shape[1], tol=tol, generator=generator)
+        return torch.log(ritz) + chain.log_scale[:, None]
+    last = ef
+    for _ in range(_MAX_HALF // 2):
+        V, eb = qr_pass(op, U, rev, True, valid_of)
+        if _agree(eb[:, :k], last[:, :k], tol):
+            return eb[:, :k]
+        U, ef = qr_pass(op, V, steps, False, valid_of)
+        if _agree(ef[:, :k], eb[:, :k], tol):
+            return ef[:, :k]
+        last = ef
+    return last[:, :k]
+
+
+def product_topk(op, ds: list[int], start: int, k: int, mask, dev, *, tol: float = 1e-11,
+                 seed: int = 0) -> torch.Tensor:
+    """ln σ_1..k(P_d) for each distance of ``ds`` (increasing) -> [len(ds), B, k] float64 on ``dev``.
+
+    op: float64 operator (step order) computing on ``dev``; mask [T, B] bool or None (False: identity step)."""
+    T, B, S = op.shape
+    m = _util.positive_int(oversampled(k, S), "k", "product_singular_values")
+    full = None if mask is None else mask.all(1).tolist()
+    mask = None if mask is None else mask.to(dev)
+
+    def valid_of(j):
+        return None if mask is None or full[j] else mask[j]
+
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(S, m, generator=g, dtype=torch.float64)).Q.to(dev).expand(B, S, m).clone()
+    want, out = set(ds), []
+    for d in range(1, ds[-1] + 1):
+        j = start + d - 1
+        Z = apply_rows(op, Q.permute(2, 0, 1).contiguous(), j, False, valid_of(j))
+        Q = torch.linalg.qr(Z.permute(1, 2, 0)).Q
+        if d in want:
+            out.append(_one_distance(op, list(range(start, j + 1)), valid_of, Q, k, tol, g))
+    return torch.stack(out)
