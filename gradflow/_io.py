@@ -283,7 +283,13 @@ def read_csv(path: Path):
     path = Path(path)
     if not path.exists():
         raise GradflowError(f"{path}: file not found")
-    return pd.read_csv(path, float_precision="round_trip")
+    try:
+        return pd.read_csv(path, float_precision="round_trip")
+    except pd.errors.EmptyDataError:
+        raise GradflowError(f"{path}: empty file (expected a CSV header)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise GradflowError(f"{path}: malformed CSV ({msg})") from None
 
 
 def check_schema(path: Path, meta: Mapping[str, Any], kind: str) -> None:

@@ -422,3 +422,14 @@ def test_gradflow_report_names_the_damaged_file(study, tmp_path):
         line = _check_cli_report(study, f, tmp_path / "r.html", rel)
         assert line and f.name in line
         f.write_bytes(original)
+
+
+@pytest.mark.parametrize("data", [b"a,b\n\xff\xfe,1\n", b"", b'a,b\n"unterminated,1\n'], ids=["not utf-8", "empty", "quote"])
+def test_plain_csv_reader_is_one_line(tmp_path, data):
+    from gradflow import _io
+
+    f = tmp_path / "metrics.csv"
+    f.write_bytes(data)
+    with pytest.raises(GradflowError) as e:
+        _io.read_csv(f)
+    assert "metrics.csv" in str(e.value) and "\n" not in str(e.value)
