@@ -24,8 +24,12 @@ after every run) ``<out>/study.json`` lists the runs, so ``gradflow report <out>
 sweep, and ``<out>/sweep.csv`` holds one row per run x state key: the axis values, status,
 eval_metric, chance, solved, diverged_at, decay_rate (with ci_low/ci_high), horizon, error.
 
-Workers write run directories themselves: with a multi-node Ray cluster ``out`` must be on a
-file system every node sees.
+Local workers (:mod:`gradflow._pool`) take one run at a time, never import modules from the
+current directory, and die with the sweep's process (even under SIGKILL); they write their run
+directories in place. A Ray task trains in a temporary directory of its node and returns the run
+directory's files, which the driver writes: a multi-node cluster needs no shared file system.
+The sweep directory is locked while a sweep runs (``.gradflow-sweep.lock``); SIGINT starts no
+queued run, stops the running ones and raises :class:`SweepInterrupted` after writing sweep.csv.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ from . import _io
 from .errors import GradflowError, SpecError
 from .spec import CLIP_KEYS, MODEL_KEYS, TOP_KEYS, TRAIN_KEYS, RunSpec, StudySpec, build_run, parse_spec
 
-__all__ = ["SweepSpec", "RunOutcome", "SweepResult", "expand_sweep", "load_sweep", "run_sweep", "sweep_table",
-           "ENGINES"]
+__all__ = ["SweepSpec", "RunOutcome", "SweepResult", "SweepInterrupted", "expand_sweep", "load_sweep", "run_sweep",
+           "sweep_table", "incomplete", "ENGINES"]
 
 ENGINES = ("local", "ray")
 ANALYSED = "analysis.json"
@@ -228,13 +232,35 @@ def _done(run_dir: Path, run: RunSpec, analysis: Mapping) -> bool:
     return isinstance(doc, dict) and _same(doc.get("analysis"), dict(analysis))
 
 
+def _trash(run_dir: Path) -> Path:
+    return run_dir.parent / f".{run_dir.name}.trash-{os.getpid()}"
+
+
+def _remove_dir(run_dir: Path) -> None:
+    """Remove a directory so that an interruption never leaves part of it under its own name:
+    rename it aside first (one atomic step), then delete the renamed copy."""
+    t = _trash(run_dir)
+    if t.exists():
+        shutil.rmtree(t)
+    os.replace(run_dir, t)
+    shutil.rmtree(t)
+
+
 def _clear(run_dir: Path) -> None:
     """Remove an unfinished run directory (one holding run.json, or empty) before training again."""
     if not run_dir.exists():
         return
     if not run_dir.is_dir() or not ((run_dir / "run.json").exists() or not any(run_dir.iterdir())):
         raise GradflowError(f"{run_dir}: exists and is not a gradflow run directory; move it or pick another --out")
-    shutil.rmtree(run_dir)
+    _remove_dir(run_dir)
+
+
+def _sweep_leftovers(out: Path) -> None:
+    """Delete what an interrupted sweep left behind in ``out``: renamed-aside directories being
+    deleted and Ray results being moved in (this process holds the sweep lock, so none is in use)."""
+    for p in out.iterdir():
+        if p.name.startswith(".") and (".trash-" in p.name or ".incoming-" in p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -260,9 +286,33 @@ def _mark_failed(run_dir: Path, run: RunSpec, error: str) -> None:
     _io.write_json(f, doc)
 
 
+INTERRUPTED = "interrupted; run the sweep again to train it"
+EVENT_LOG = "GRADFLOW_EVENT_LOG"
+
+
+def _event(kind: str, name: str) -> None:
+    """Append ``<time> <pid> <kind> <name>`` to the file named by $GRADFLOW_EVENT_LOG, if set (the
+    fault-injection tests read it: "dispatch" and "sigint" from the sweep's process, "start" from
+    the process that trains the run)."""
+    path = os.environ.get(EVENT_LOG)
+    if not path:
+        return
+    line = f"{time.time():.6f} {os.getpid()} {kind} {name}\n".encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def _execute(run: RunSpec, analysis: dict, source: str, run_dir: str) -> dict:
     """Train (unless finished) and analyse one run into ``run_dir``; never raises for a run's own
-    failure. Runs inside a worker process (local pool or Ray task)."""
+    failure, nor for an interruption (KeyboardInterrupt: the run is marked failed with
+    :data:`INTERRUPTED`, so that a re-run trains it again). Runs inside a worker process (local
+    pool or Ray task)."""
     import torch
 
     from .study import _finished, analyse_run
@@ -273,17 +323,30 @@ def _execute(run: RunSpec, analysis: dict, source: str, run_dir: str) -> dict:
     d = Path(run_dir)
     action = "analysed"
     try:
+        _event("start", d.name)
         if not _finished(d, run.resolved()):
             _clear(d)
             task, model, cfg = build_run(run, source)
             train(task, model, cfg, run_dir=d, name=d.name, label=run.label, progress=False,
                   spec={"run": run.resolved()})
             action = "trained"
+        (d / ANALYSED).unlink(missing_ok=True)  # tables about to change: no longer "analysed with these"
         analyse_run(d, analysis, spec_run=run)
         _io.write_json(d / ANALYSED, {"kind": "analysis", "schema_version": _io.SCHEMA_VERSION,
                                       "analysis": dict(analysis)})
         status = _io.read_json(d / "run.json").get("status")
         return {"status": status, "action": action, "error": None, "seconds": time.perf_counter() - t0}
+    except KeyboardInterrupt:
+        status = "failed"
+        try:
+            if _finished(d, run.resolved()):  # only the analysis was stopped: keep the training
+                status = _io.read_json(d / "run.json").get("status")
+            else:
+                _mark_failed(d, run, INTERRUPTED)
+        except (GradflowError, OSError):
+            pass
+        return {"status": status, "action": "interrupted", "error": INTERRUPTED,
+                "seconds": time.perf_counter() - t0}
     except Exception as exc:  # a failed run is data; the sweep goes on
         err = _error_text(exc)
         try:
@@ -293,17 +356,54 @@ def _execute(run: RunSpec, analysis: dict, source: str, run_dir: str) -> dict:
         return {"status": "failed", "action": "failed", "error": err, "seconds": time.perf_counter() - t0}
 
 
-def _init_worker() -> None:
-    import torch
+def _read_files(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
-    torch.set_num_threads(1)
+
+def _execute_remote(run: RunSpec, analysis: dict, source: str, dirname: str,
+                    files: Mapping[str, bytes] | None) -> dict:
+    """:func:`_execute` in a temporary directory of the node that runs it (a Ray task), seeded with
+    ``files`` (the driver's copy of the run directory, when its training can be reused); returns
+    the result with the run directory's files as ``result["files"]`` ({relative path: bytes}), for
+    the driver to write. Nothing stays on the node."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gradflow-run-") as tmp:
+        d = Path(tmp) / dirname
+        for rel, data in (files or {}).items():
+            p = d / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        res = _execute(run, analysis, source, str(d))
+        res["files"] = _read_files(d) if d.is_dir() else {}
+        return res
+
+
+def _commit_files(run_dir: Path, files: Mapping[str, bytes]) -> None:
+    """Replace ``run_dir`` by a directory holding ``files``: written beside it, then renamed into
+    place, so the directory is at every moment either the old one, absent, or the new one."""
+    inc = run_dir.parent / f".{run_dir.name}.incoming-{os.getpid()}"
+    if inc.exists():
+        shutil.rmtree(inc)
+    for rel, data in files.items():
+        p = (inc / rel).resolve()
+        if inc.resolve() not in p.parents:
+            raise GradflowError(f"{run_dir}: result file {rel!r} is outside the run directory")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    inc.mkdir(exist_ok=True)
+    if run_dir.exists():
+        _clear(run_dir)
+    os.replace(inc, run_dir)
 
 
 # ---------------------------------------------------------------------------------- engines
 @dataclass(frozen=True)
 class RunOutcome:
     """What happened to one run: ``action`` is "reused" (skipped), "analysed" (trained earlier,
-    tables rebuilt), "trained" or "failed"; ``status`` is the run.json status."""
+    tables rebuilt), "trained", "failed", "interrupted" (stopped by SIGINT) or "not started"
+    (queued when the sweep was interrupted); ``status`` is the run.json status ("missing" when the
+    run has none)."""
 
     label: str
     dir: str
@@ -324,6 +424,15 @@ class SweepResult:
         return tuple(o for o in self.outcomes if o.status == "failed")
 
 
+class SweepInterrupted(GradflowError):
+    """SIGINT stopped the sweep: no queued run was started, running ones were stopped and marked,
+    ``sweep.csv`` was written. ``result`` is the :class:`SweepResult` so far."""
+
+    def __init__(self, message: str, result: SweepResult):
+        super().__init__(message)
+        self.result = result
+
+
 def _cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -335,53 +444,75 @@ def _cpus() -> int:
 # do not oversubscribe the cores (torch.set_num_threads does not reach numpy's BLAS).
 SINGLE_THREAD_ENV = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                       "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")}
+PRELOAD = ("torch", "gradflow.sweep", "gradflow.study", "gradflow.training", "gradflow.analysis")
 
 
-@contextlib.contextmanager
-def _single_threaded_env():
-    """Set :data:`SINGLE_THREAD_ENV` while worker processes (and the fork server) start."""
-    old = {k: os.environ.get(k) for k in SINGLE_THREAD_ENV}
-    os.environ.update(SINGLE_THREAD_ENV)
+class _Stop:
+    """SIGINT while a sweep runs: the first one stops dispatching and interrupts the running runs
+    (the handler only counts; the engines act on it), a second one kills the running runs."""
+
+    def __init__(self):
+        self.count = 0
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count == 1:
+            _event("sigint", "-")
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+GRACE = 30.0  # seconds an interrupted run gets to stop before it is killed
+
+
+def _local(jobs, workers: int, done: Callable[[int, dict], None], stop: _Stop, lock_fd: int | None) -> None:
+    from collections import deque
+
+    from ._pool import WorkerPool
+
+    pool = WorkerPool(workers, keep_fds=() if lock_fd is None else (lock_fd,), env=SINGLE_THREAD_ENV,
+                      preload=PRELOAD)
+    pending = deque(jobs)
+    names = {i: Path(args[3]).name for i, args in jobs}
+    interrupted_at = None
+    killed = False
     try:
-        yield
+        while pool.busy() or (pending and not stop.count):
+            if stop.count and interrupted_at is None:
+                interrupted_at = time.monotonic()
+                pool.interrupt()
+            if stop.count > 1 or (interrupted_at is not None and time.monotonic() - interrupted_at > GRACE):
+                if not killed:
+                    pool.kill_busy()
+                    killed = True
+            if not stop.count:
+                for w in pool.idle():
+                    if not pending:
+                        break
+                    i, args = pending.popleft()
+                    _event("dispatch", names[i])
+                    pool.submit(w, _execute, args, i)
+            for _, i, res, err in pool.wait(0.2):
+                if err is not None:
+                    res = ({"status": "failed", "action": "interrupted", "error": INTERRUPTED, "killed": True}
+                           if stop.count else {"status": "failed", "action": "failed", "error": f"worker died: {err}"})
+                done(i, res)
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _mp_context():
-    """A fork server that imported gradflow (and torch) once, so workers start without importing
-    them again and without inheriting this process's torch thread pools; spawn where there is none."""
-    import multiprocessing
-
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["gradflow.sweep", "gradflow.study", "gradflow.training", "gradflow.analysis",
-                                    "gradflow.tasks", "gradflow.models", "tqdm.auto"])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
-def _local(jobs, workers: int, done: Callable[[int, dict], None]) -> None:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_init_worker)
-    try:
-        with _single_threaded_env():  # workers start on submit
-            futs = {pool.submit(_execute, *args): i for i, args in jobs}
-        for f in as_completed(futs):
-            try:
-                res = f.result()
-            except Exception as exc:  # the worker process died (killed, out of memory)
-                res = {"status": "failed", "action": "failed", "error": f"worker died: {_error_text(exc)}"}
-            done(futs[f], res)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+        pool.close(kill=bool(stop.count))
 
 
 def _require_ray():
@@ -392,31 +523,135 @@ def _require_ray():
     return ray
 
 
-def _ray(jobs, workers: int | None, address: str | None, done: Callable[[int, dict], None]) -> None:
+def _ray(jobs, workers: int | None, address: str | None, done: Callable[[int, dict], None], stop: _Stop) -> None:
+    """One Ray task per run, at most as many in flight as the cluster has CPUs (nothing waits in
+    Ray's queue, so an interrupted sweep starts nothing new). Each task returns the run
+    directory's files; :func:`run_sweep`'s ``done`` writes them (no shared filesystem needed)."""
+    from collections import deque
+
+    import tempfile
+
     ray = _require_ray()
     started = False
+    empty = None
     if not ray.is_initialized():
-        kw: dict = {"include_dashboard": False, "log_to_driver": False}
-        if address:
-            ray.init(address=address, **kw)
-        else:
-            ray.init(num_cpus=workers, **kw)
+        # Ray puts the driver's current directory first on its workers' sys.path unless the job has a
+        # working_dir: give it an empty one, so workers import nothing from here (gradflow itself is
+        # shipped along when only the current directory holds it)
+        empty = tempfile.mkdtemp(prefix="gradflow-ray-")
+        runtime_env: dict = {"working_dir": empty}
+        import gradflow
+
+        pkg = Path(gradflow.__file__).resolve().parent
+        from ._pool import safe_sys_path
+
+        if str(pkg.parent) not in {os.path.realpath(p) for p in safe_sys_path()}:
+            runtime_env["py_modules"] = [str(pkg)]
+        kw: dict = {"include_dashboard": False, "log_to_driver": False, "runtime_env": runtime_env}
+        try:
+            if address:
+                ray.init(address=address, **kw)
+            else:
+                ray.init(num_cpus=workers, **kw)
+        except BaseException:
+            shutil.rmtree(empty, ignore_errors=True)
+            raise
         started = True
     try:
-        task = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": SINGLE_THREAD_ENV})(_execute)
-        refs = {task.remote(*args): i for i, args in jobs}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+        task = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": SINGLE_THREAD_ENV})(_execute_remote)
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if workers:
+            slots = min(slots, workers)
+        pending = deque(jobs)
+        names = {i: args[3] for i, args in jobs}
+        refs: dict = {}
+        cancelled = False
+        interrupted_at = None
+        while refs or (pending and not stop.count):
+            if stop.count and not cancelled:
+                interrupted_at = time.monotonic()
+                for ref in refs:
+                    ray.cancel(ref)
+                cancelled = True
+            if stop.count > 1 or (interrupted_at is not None and time.monotonic() - interrupted_at > GRACE):
+                for ref in refs:
+                    ray.cancel(ref, force=True)
+            while pending and len(refs) < slots and not stop.count:
+                i, args = pending.popleft()
+                _event("dispatch", names[i])
+                refs[task.remote(*args)] = i
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.2)
             for ref in ready:
+                i = refs.pop(ref)
                 try:
                     res = ray.get(ref)
-                except Exception as exc:  # the task's worker died
-                    res = {"status": "failed", "action": "failed", "error": f"ray task failed: {_error_text(exc)}"}
-                done(refs[ref], res)
+                except Exception as exc:  # cancelled, or the task's worker died
+                    res = ({"status": "failed", "action": "interrupted", "error": INTERRUPTED}
+                           if stop.count else
+                           {"status": "failed", "action": "failed", "error": f"ray task failed: {_error_text(exc)}"})
+                done(i, res)
     finally:
         if started:
             ray.shutdown()
+        if empty is not None:
+            shutil.rmtree(empty, ignore_errors=True)
+
+
+LOCK = ".gradflow-sweep.lock"
+LOCK_WAIT = 10.0  # seconds to wait for the processes of a dead sweep to release its lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is dead
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _lock(out: Path) -> int | None:
+    """Lock the sweep directory for this process (and the worker processes it starts, which
+    inherit the lock): an exclusive ``flock`` on ``<out>/.gradflow-sweep.lock``, which the kernel
+    drops when the last holder dies, so a lock left by a killed sweep is taken over as soon as its
+    processes are gone. Raises a one-line GradflowError while a live sweep holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock
+        return None
+    f = out / LOCK
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = None
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            try:
+                pid = int(os.pread(fd, 32, 0).split()[0])
+            except (ValueError, IndexError, OSError):
+                pid = None
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                raise GradflowError(f"{out}: another gradflow sweep (pid {pid}) is running in this directory; "
+                                    f"wait for it to end or stop it")
+            deadline = deadline or time.monotonic() + LOCK_WAIT
+            if time.monotonic() > deadline:
+                raise GradflowError(f"{f}: still locked by the processes of a sweep (pid {pid}) that has ended; "
+                                    f"stop them and run again")
+            time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", workers: int | None = None,
@@ -424,7 +659,13 @@ def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", worke
     """Run every run of ``sweep`` into ``out`` with ``engine`` ("local": ``workers`` processes,
     default one per core; "ray": Ray tasks, on the cluster at ``address``, on the one already
     initialised, or on a new local one with ``workers`` CPUs). Returns a :class:`SweepResult`;
-    failed runs are in ``result.failed`` (nothing is raised for them)."""
+    failed runs are in ``result.failed`` (nothing is raised for them).
+
+    The directory is locked while the sweep runs (a second sweep into it fails at once with one
+    line). SIGINT (Ctrl-C) stops the sweep: no queued run starts, running runs are interrupted and
+    marked failed (:data:`INTERRUPTED`), ``sweep.csv`` is written, and :class:`SweepInterrupted`
+    is raised. The previous ``sweep.csv`` is removed when a sweep starts, so a sweep that is killed
+    leaves none."""
     if engine not in ENGINES:
         raise GradflowError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -437,6 +678,18 @@ def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", worke
     if (out / "study.json").exists() and _io.read_json(out / "study.json").get("kind") != "study":
         raise GradflowError(f"{out / 'study.json'}: not a gradflow study file")
     out.mkdir(parents=True, exist_ok=True)
+    lock_fd = _lock(out)
+    try:
+        with _Stop() as stop:
+            return _run_locked(sweep, out, engine, workers, address, echo, stop, lock_fd)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def _run_locked(sweep, out, engine, workers, address, echo, stop, lock_fd) -> SweepResult:
+    (out / "sweep.csv").unlink(missing_ok=True)  # from now on it would describe a sweep that is not this one
+    _sweep_leftovers(out)
     say = echo or (lambda s: None)
     analysis = sweep.study.analysis.to_dict()
     runs = sweep.runs
@@ -446,6 +699,12 @@ def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", worke
         if _done(out / r.dirname, r, analysis):
             status = _io.read_json(out / r.dirname / "run.json").get("status")
             outcomes[i] = RunOutcome(r.label, r.dirname, status, "reused")
+        elif engine == "ray":
+            d = out / r.dirname
+            from .study import _finished
+
+            files = _read_files(d) if _finished(d, r.resolved()) else None
+            jobs.append((i, (r, analysis, sweep.study.source, r.dirname, files)))
         else:
             jobs.append((i, (r, analysis, sweep.study.source, str(out / r.dirname))))
     say(f"{sweep.name}: {len(runs)} run(s), {len(runs) - len(jobs)} finished earlier, {len(jobs)} to run "
@@ -455,9 +714,25 @@ def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", worke
 
     def done(i: int, res: dict) -> None:
         r = runs[i]
-        if res.get("action") == "failed" and res.get("error", "").startswith(("worker died", "ray task failed")):
-            _mark_failed(out / r.dirname, r, res["error"])
-        outcomes[i] = RunOutcome(r.label, r.dirname, res["status"], res["action"], res.get("error"),
+        d = out / r.dirname
+        files = res.pop("files", None)
+        act, err = res.get("action"), res.get("error") or ""
+        if engine == "ray":  # the driver owns the directory; an interrupted task leaves it as it was
+            if files and act != "interrupted":
+                _commit_files(d, files)
+            elif act == "failed":
+                _mark_failed(d, r, err)
+        elif act == "failed" and err.startswith("worker died"):
+            _mark_failed(d, r, err)
+        elif act == "interrupted" and res.get("killed") and d.exists():
+            from .study import _finished
+
+            if not _finished(d, r.resolved()):
+                _mark_failed(d, r, INTERRUPTED)
+        status = res["status"]
+        if act == "interrupted" and not (d / "run.json").exists():
+            status = "missing"
+        outcomes[i] = RunOutcome(r.label, r.dirname, status, res["action"], res.get("error"),
                                  float(res.get("seconds", 0.0)))
         count[0] += 1
         say(f"[{count[0]}/{len(jobs)}] {r.label}: {res['action']}"
@@ -468,13 +743,40 @@ def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", worke
     if jobs:
         n = min(workers or _cpus(), len(jobs))
         if engine == "local":
-            _local(jobs, n, done)
+            _local(jobs, n, done, stop, lock_fd)
         else:
-            _ray(jobs, workers, address, done)
+            _ray(jobs, workers, address, done, stop)
+    for i, r in enumerate(runs):
+        if outcomes[i] is None:  # queued when the sweep was interrupted
+            st = "missing"
+            if (out / r.dirname / "run.json").exists():
+                try:
+                    st = _io.read_json(out / r.dirname / "run.json").get("status", "missing")
+                except GradflowError:
+                    pass
+            outcomes[i] = RunOutcome(r.label, r.dirname, st, "not started")
     table = sweep_table(sweep, out)
     _io.write_csv(out / "sweep.csv", table)
     _write_study(sweep, out)
-    return SweepResult(out, tuple(o for o in outcomes if o is not None), table)
+    result = SweepResult(out, tuple(o for o in outcomes if o is not None), table)
+    if stop.count and incomplete(table):
+        acts = [o.action for o in result.outcomes]
+        ok = sum(a in ("reused", "analysed", "trained") for a in acts)
+        raise SweepInterrupted(
+            f"interrupted: {ok} of {len(acts)} runs done, {acts.count('interrupted')} stopped, "
+            f"{acts.count('not started')} not started; run the same command again to finish "
+            f"(see {out / 'sweep.csv'})", result)
+    return result
+
+
+DONE_STATUSES = ("finished", "diverged")
+
+
+def incomplete(table) -> list[str]:
+    """The runs of a sweep table (:func:`sweep_table`) whose status is not finished or diverged:
+    failed (an error or an interruption), missing (never started) or running (killed)."""
+    bad = table.loc[~table["status"].isin(DONE_STATUSES), "run"]
+    return list(dict.fromkeys(bad))
 
 
 def _write_study(sweep: SweepSpec, out: Path) -> None:

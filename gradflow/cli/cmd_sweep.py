@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -18,8 +19,8 @@ from ._common import one_line_errors, quiet_option, say
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel runs (default: one per core; for ray, the CPUs of a new local cluster).")
 @click.option("--address", default=None,
-              help="Ray cluster address (default: start a local cluster). The sweep directory must be on a "
-                   "file system every node sees.")
+              help="Ray cluster address (default: start a local cluster). Each task sends its run directory "
+                   "back to this process, which writes it: the nodes need no shared file system.")
 @click.option("--dry-run", is_flag=True, help="Validate and list the runs, run nothing.")
 @click.option("--copy", "copy_only", is_flag=True,
               help="Only copy the spec into the current directory, for editing; run nothing.")
@@ -42,7 +43,9 @@ def command(spec: str, out: Path | None, engine: str, workers: int | None, addre
 
     Finished runs with the same settings are skipped, so re-running after an interruption finishes
     only what is missing. A failing run is recorded as failed and the others go on; the command
-    then exits non-zero naming the failed runs.
+    then exits non-zero naming the failed runs. Ctrl-C (SIGINT) starts no further run, stops the
+    running ones, writes sweep.csv and exits with status 130. The sweep directory is locked while
+    a sweep runs in it; worker processes never outlive the command.
     """
     from ..catalog import resolve_spec
     from ..errors import GradflowError
@@ -53,7 +56,7 @@ def command(spec: str, out: Path | None, engine: str, workers: int | None, addre
 
         click.echo(str(copy_spec(path)))
         return
-    from ..sweep import load_sweep, run_sweep
+    from ..sweep import SweepInterrupted, incomplete, load_sweep, run_sweep
 
     if address and engine != "ray":
         raise GradflowError("--address applies to --engine ray")
@@ -64,7 +67,11 @@ def command(spec: str, out: Path | None, engine: str, workers: int | None, addre
         for r in s.runs:
             click.echo(f"{r.dirname}\t{r.label}")
         return
-    res = run_sweep(s, out, engine=engine, workers=workers, address=address, echo=echo)
+    try:
+        res = run_sweep(s, out, engine=engine, workers=workers, address=address, echo=echo)
+    except SweepInterrupted as exc:  # sweep.csv is written and lists the unfinished runs
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(130)
     click.echo(str(out))
     click.echo(str(out / "sweep.csv"))
     if report:
@@ -74,8 +81,10 @@ def command(spec: str, out: Path | None, engine: str, workers: int | None, addre
         written = build_report([out], html=d / "index.html", pdf=d / "report.pdf", title=s.study.title)
         for p in written.values():
             click.echo(str(p))
-    if res.failed:
-        first = res.failed[0]
-        more = f" and {len(res.failed) - 1} more" if len(res.failed) > 1 else ""
-        raise GradflowError(f"{len(res.failed)} of {len(res.outcomes)} runs failed: {first.label!r} "
-                            f"({first.error}){more}; see {out / 'sweep.csv'}")
+    bad = incomplete(res.table)  # the exit status says what sweep.csv says
+    if bad:
+        first = next((o for o in res.outcomes if o.label == bad[0]), None)
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        why = f" ({first.error})" if first is not None and first.error else ""
+        raise GradflowError(f"{len(bad)} of {len(res.outcomes)} runs failed: {bad[0]!r}{why}{more}; "
+                            f"see {out / 'sweep.csv'}")
