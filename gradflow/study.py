@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -46,6 +48,10 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True,
         if doc.get("kind") != "study":
             raise GradflowError(f"{existing}: not a gradflow study file")
     say = echo or (lambda s: None)
+    if out.is_dir():  # what an interrupted earlier run was deleting
+        for p in out.glob(".*.trash-*"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
     rel = []
     for r in spec.runs:
         run_dir = out / r.dirname
@@ -71,8 +77,6 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True,
 def _clear_unfinished(run_dir: Path) -> None:
     """Remove an interrupted/failed/outdated run directory before retraining it; refuse to touch a
     non-empty directory that is not a gradflow run."""
-    import shutil
-
     if not run_dir.exists():
         return
     if not any(run_dir.iterdir()):
@@ -84,7 +88,12 @@ def _clear_unfinished(run_dir: Path) -> None:
         doc = {}
     if doc.get("kind") != "run":
         raise GradflowError(f"{run_dir}: exists and is not a gradflow run directory; choose another --out")
-    shutil.rmtree(run_dir)
+    # renamed aside first, so an interruption never leaves part of a run (without its run.json) here
+    trash = run_dir.parent / f".{run_dir.name}.trash-{os.getpid()}"
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(run_dir, trash)
+    shutil.rmtree(trash)
 
 
 def _finished(run_dir: Path, resolved: Mapping) -> bool:

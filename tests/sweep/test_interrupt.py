@@ -178,7 +178,7 @@ def test_ray_task_returns_the_run_directory_as_data(write_sweep, tmp_path, monke
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)
-    res = _execute_remote(r, dict(s.study.analysis), s.study.source, r.dirname, None)
+    res = _execute_remote(r, s.study.analysis.to_dict(), s.study.source, r.dirname, None)
     assert res["status"] == "finished" and res["action"] == "trained"
     files = res["files"]
     assert {"run.json", "metrics.csv", "decay.csv", "analysis.json", "trace/trace.json"} <= set(files)
@@ -189,7 +189,7 @@ def test_ray_task_returns_the_run_directory_as_data(write_sweep, tmp_path, monke
     _commit_files(driver, files)
     assert sorted(p.relative_to(driver).as_posix() for p in driver.rglob("*") if p.is_file()) == sorted(files)
     # re-analysis from the driver's copy: the task gets the files, reuses the training
-    again = _execute_remote(r, {**s.study.analysis, "batch_limit": 3}, s.study.source, r.dirname, files)
+    again = _execute_remote(r, {**s.study.analysis.to_dict(), "batch_limit": 3}, s.study.source, r.dirname, files)
     assert again["action"] == "analysed" and again["files"]["metrics.csv"] == files["metrics.csv"]
     with pytest.raises(GradflowError, match="outside the run directory"):
         _commit_files(tmp_path / "driver" / "x", {"../escape.txt": b"no"})
