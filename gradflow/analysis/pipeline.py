@@ -7,7 +7,8 @@ callback call. For each unit it first makes a :class:`~gradflow.analysis.plan.Pl
 * ``distance`` / ``decay``: from the recorded gradient norms of the whole batch (O(T·B));
 * ``spectra`` (the distribution of singular values at the plan's steps: all S on the dense and exact
   routes, the top k on the matrix-free one) and ``spectra_summary`` (per step, mean over the batch):
-  σ_max at **every** step (matrix-free block Krylov with k = 1 at steps without a distribution);
+  σ_max at **every** step (at steps without a distribution: Rayleigh–Ritz on a block Krylov basis of
+  at most 32 vectors, a lower bound, exact at small S);
   σ_min, the fraction of σ > 1 and ρ at the distribution steps (NaN elsewhere). On the top-k route
   σ_min is not known (NaN), the fraction of σ > 1 is exact where σ_k ≤ 1 (NaN otherwise), and ρ is
   not computed (NaN): no matrix-free route gives it reliably for a non-normal J;
@@ -38,15 +39,17 @@ from .adjoint import gradient_matrix
 from .distance import distance_profile
 from .frames import lyapunov_table, products_table, spectra_summary_table, spectra_table, verdicts
 from .gates import gate_statistics
-from .plan import Plan, krylov_basis, plan_unit
+from .plan import Plan, plan_unit
 from .products import lyapunov_exponents, product_singular_values
 from .spectra import singular_values, step_summary, top_singular_values
 from .streaming import chunked_linearization
 
 __all__ = ["analyze_trace", "plan_trace", "resolve_device"]
 
-_SIGMA_MAX_TOL = 1e-6  # relative tolerance of σ_max at steps without a distribution
-_SIGMA_MAX_BASIS = 24
+# σ_max at steps without a distribution: Rayleigh–Ritz on a Krylov basis of at most this many vectors, a
+# lower bound (interlacing) that is exact once the basis spans the space or has converged to this tolerance
+_SIGMA_MAX_TOL = 1e-6
+_SIGMA_MAX_BASIS = 32
 
 
 def _config(config) -> AnalysisConfig:
@@ -168,7 +171,7 @@ def _spectra(small: Trace, key, plan: Plan, cfg: AnalysisConfig, device):
                         summ[c][sel] = st[c].to(torch.float64).cpu()
                 del J
             else:
-                sv = _top(sub, plan.k, _bad_steps(sub), max_basis=krylov_basis(S, plan.k)).cpu()
+                sv = _top(sub, plan.k, _bad_steps(sub)).cpu()
                 summ["sigma_max"][sel] = sv[..., 0]
                 exact = sv[..., -1] <= 1  # every σ > 1 is among the top k
                 fr = (sv > 1).to(torch.float64).sum(-1) / S

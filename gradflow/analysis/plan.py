@@ -8,9 +8,11 @@ budget of an :class:`~gradflow.analysis.AnalysisConfig`, :func:`plan_unit` choos
   ``dense`` (every singular value, LAPACK) when S ≤ ``dense_max``, else ``top-k``: the k largest,
   matrix-free (block Krylov on JᵀJ from J v / Jᵀ u products, never an S×S matrix);
 * the **timesteps** whose full distribution is drawn: all of them when that is cheap (diagonal
-  structure, or T·B dense factorisations under ~2 Gflop), else ``spectra_steps`` evenly spaced ones.
-  σ_max is computed at every step whatever the route (matrix-free where needed); σ_min, the fraction
-  of σ > 1 and the spectral radius ρ at the distribution steps (ρ only on the dense and exact routes);
+  structure, or T·B factorisations under ~10 Gflop), else evenly spaced ones: as many as cost about
+  64 sweeps of S vectors through all steps (≈ 6.4·T/S), at least 4 and at most ``spectra_steps``.
+  σ_max is computed at every step whatever the route (a Krylov lower bound from a basis of ≤ 32
+  vectors at steps without a distribution); σ_min, the fraction of σ > 1 and the spectral radius ρ
+  at the distribution steps (ρ only on the dense and exact routes);
 * **products** over distance: all S directions (an S-column QR frame; exact per-unit products for a
   diagonal structure); the **Lyapunov** spectrum: all S directions when S ≤ ``dense_max`` or the
   structure is diagonal, else the top k;
@@ -31,7 +33,11 @@ from .config import AnalysisConfig, _fmt_bytes
 
 __all__ = ["Plan", "plan_unit", "distribution_steps", "log_distances"]
 
-_CHEAP_FLOPS = 2e9  # all T·B factorisations drawn when they cost less than this
+_CHEAP_FLOPS = 1e10  # all T·B factorisations drawn when they cost less than this
+# Otherwise the distributions together may cost about this many sweeps of S vectors through every step
+# (≈ a Lyapunov spectrum of this many directions), and at least _MIN_STEPS steps are drawn.
+_SWEEPS = 64
+_MIN_STEPS = 4
 _F64 = 8
 
 
@@ -52,12 +58,6 @@ def distribution_steps(T: int, n: int) -> tuple[int, ...]:
     if n == 1:
         return (T - 1,)
     return tuple(sorted({round(i * (T - 1) / (n - 1)) for i in range(n)}))
-
-
-def krylov_basis(S: int, k: int) -> int:
-    """Largest Krylov basis the top-k route builds (the memory bound of :func:`top_singular_values`):
-    four blocks of max(k + 4, 2k) columns, at most S."""
-    return min(S, 4 * max(k + 4, 2 * k))
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,13 @@ class Plan:
         n, T = len(self.steps), self.T
         at = f"at all {T} steps" if n == T else f"at {n} of {T} steps"
         if self.spectra == "top-k":
-            sv = f"top {self.k} of {self.S} singular values {at}, matrix-free; σ_max at every step, ρ not computed"
+            sv = (f"top {self.k} of {self.S} singular values {at}, matrix-free; σ_max at every step"
+                  f"{'' if n == T else ' (a Krylov lower bound between them)'}, ρ not computed")
         elif self.spectra == "exact":
             sv = f"all {self.S} singular values {at}, exact (diagonal Jacobian)"
         else:
-            sv = f"all {self.S} singular values {at}, dense" + ("" if n == T else "; σ_max at every step")
+            sv = f"all {self.S} singular values {at}, dense" + (
+                "" if n == T else "; σ_max at every step (a Krylov lower bound between them)")
 
         def part(name, m):
             if not m:
@@ -127,8 +129,7 @@ def _per_step_bytes(S: int, B: int, route: str, k: int) -> int:
     coef = B * S * _F64 * 6  # the chunk's linearisation coefficients, float32 and float64
     if route == "dense":
         return coef + B * S * S * _F64 * 3  # J, its float64 copy, LAPACK workspace
-    m = krylov_basis(S, k)
-    return coef + B * S * m * _F64 * 3  # Krylov basis Q, J Q and Jᵀ J Q
+    return coef + B * S * S * _F64 * 3  # Krylov basis Q and J Q, up to S columns for a flat spectrum
 
 
 def plan_unit(unit: str, *, S: int, T: int, B: int, structure: str, config: AnalysisConfig,
@@ -149,8 +150,12 @@ def plan_unit(unit: str, *, S: int, T: int, B: int, structure: str, config: Anal
     if route == "exact":
         steps = tuple(range(T))
     else:
-        per = 10.0 * S ** 3 if route == "dense" else 2.0 * krylov_basis(S, k) * 8 * S * S
-        steps = tuple(range(T)) if T * B * per <= _CHEAP_FLOPS else distribution_steps(T, cfg.spectra_steps)
+        per = 10.0 * S ** 3  # one factorisation (the Krylov basis of a flat spectrum grows to S as well)
+        if T * B * per <= _CHEAP_FLOPS:
+            steps = tuple(range(T))
+        else:
+            n = int(_SWEEPS * T * B * S * S // (B * per))
+            steps = distribution_steps(T, max(min(_MIN_STEPS, cfg.spectra_steps), min(n, cfg.spectra_steps)))
     full = route != "top-k"
     n_prod = S if want_p else 0  # products over distance: every direction (QR of the S-column frame)
     n_lyap = (S if full else min(cfg.k, S)) if want_l else 0

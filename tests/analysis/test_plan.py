@@ -3,7 +3,6 @@
 import pytest
 
 from gradflow.analysis import AnalysisConfig, distribution_steps, log_distances, plan_unit
-from gradflow.analysis.plan import krylov_basis
 from gradflow.errors import GradflowError
 
 D = AnalysisConfig()
@@ -11,12 +10,14 @@ D = AnalysisConfig()
 # (S, T, B, structure, config changes) -> (route, k, n steps, products, lyapunov)
 CASES = [
     ((64, 50, 16, "dense", {}), ("dense", 64, 50, 64, 64)),  # small: everything, every step
-    ((128, 500, 16, "dense", {}), ("dense", 128, 64, 128, 128)),  # dense, but T·B SVDs are not cheap
-    ((1024, 500, 16, "dense", {}), ("top-k", 32, 64, 1024, 32)),  # the example
-    ((1024, 500, 16, "dense", {"k": 8, "spectra_steps": 10}), ("top-k", 8, 10, 1024, 8)),
-    ((1024, 500, 16, "dense", {"lyapunov": False, "products": False}), ("top-k", 32, 64, 0, 0)),
+    ((128, 500, 16, "dense", {}), ("dense", 128, 25, 128, 128)),  # dense, but T·B SVDs are not cheap: 6.4·T/S
+    ((128, 500, 16, "dense", {"spectra_steps": 10}), ("dense", 128, 10, 128, 128)),  # at most spectra_steps
+    ((1024, 500, 16, "dense", {}), ("top-k", 32, 4, 1024, 32)),  # at least 4 steps
+    ((1024, 5000, 16, "dense", {}), ("top-k", 32, 31, 1024, 32)),
+    ((1024, 500, 16, "dense", {"k": 8, "spectra_steps": 2}), ("top-k", 8, 2, 1024, 8)),
+    ((1024, 500, 16, "dense", {"lyapunov": False, "products": False}), ("top-k", 32, 4, 0, 0)),
     ((1024, 2000, 16, "diagonal", {}), ("exact", 1024, 2000, 1024, 1024)),  # diagonal: exact, all steps
-    ((200, 40, 4, "dense", {"dense_max": 256}), ("dense", 200, 40, 200, 200)),
+    ((200, 40, 4, "dense", {"dense_max": 256}), ("dense", 200, 4, 200, 200)),  # 160 SVDs of 200² are not cheap
     ((40, 40, 4, "dense", {"dense_max": 0, "k": 40}), ("dense", 40, 40, 40, 40)),  # k = S: the dense route
 ]
 
@@ -32,16 +33,17 @@ def test_plan_choices(args, expect):
     assert text.startswith("m/l0/d0/h: ") and "\n" not in text
     if p.spectra == "top-k":
         assert f"top {p.k} of {S} singular values at {len(p.steps)} of {T} steps, matrix-free" in text
+        assert "(a Krylov lower bound between them)" in text
     j = p.to_json()
     assert j["text"] == text and j["steps"] == list(p.steps)
 
 
 def test_chunk_follows_the_budget():
-    small = plan_unit("u", S=1024, T=2000, B=16, structure="dense", config=D.replace(memory="1.5GB"))
-    big = plan_unit("u", S=1024, T=2000, B=16, structure="dense", config=D.replace(memory="4GB"))
-    assert 1 <= small.chunk < big.chunk <= 2000 and small.peak <= 1.5e9 and big.peak <= 4e9
+    small = plan_unit("u", S=1024, T=2000, B=16, structure="dense", config=D.replace(memory="2GB"))
+    big = plan_unit("u", S=1024, T=2000, B=16, structure="dense", config=D.replace(memory="8GB"))
+    assert 1 <= small.chunk < big.chunk <= 2000 and small.peak <= 2e9 and big.peak <= 8e9
     # the chunk's working set is linear in B and independent of T: doubling T keeps the chunk
-    longer = plan_unit("u", S=1024, T=4000, B=16, structure="dense", config=D.replace(memory="4GB"))
+    longer = plan_unit("u", S=1024, T=4000, B=16, structure="dense", config=D.replace(memory="8GB"))
     assert abs(longer.chunk - big.chunk) <= 0.02 * big.chunk
     assert plan_unit("u", S=8, T=10, B=2, structure="dense", config=D.replace(chunk=3)).chunk == 3
 
@@ -50,8 +52,8 @@ def test_chunk_follows_the_budget():
     ({"memory": "10MB"}, r"^m/l0/d0/h: the analysis needs about .* even one timestep at a time \(S=1024, T=500, "
                          r"B=16\), over the memory budget of 10 MB; raise it \(--memory / memory= / \[analysis\] "
                          r"memory\) or lower batch_limit or k$"),
-    ({"chunk": 500, "memory": "1.5GB"}, r"^m/l0/d0/h: chunk=500 needs about .* \(S=1024, T=500, B=16\), over the "
-                                      r"memory budget of 1.5 GB; lower chunk or raise memory"),
+    ({"chunk": 500, "memory": "4GB"}, r"^m/l0/d0/h: chunk=500 needs about .* \(S=1024, T=500, B=16\), over the "
+                                      r"memory budget of 4 GB; lower chunk or raise memory"),
 ])
 def test_over_budget_is_one_line(changes, match):
     with pytest.raises(GradflowError, match=match):
@@ -67,6 +69,5 @@ def test_distribution_steps(T, n, expect):
     assert len(s) == min(n, T) and list(s) == sorted(set(s))
 
 
-def test_log_distances_and_basis():
+def test_log_distances():
     assert log_distances(1) == (1,) and log_distances(500)[0] == 1 and log_distances(500)[-1] == 500
-    assert krylov_basis(1024, 32) == 256 and krylov_basis(20, 32) == 20
