@@ -260,14 +260,14 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
             return out
     except ValueError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        where = f"member {member!r}: " if member is not None else ""
+        where = f"member {short_repr(member)}: " if member is not None else ""
         if "pickle" in msg or "Object arrays" in msg:
             raise GradflowError(f"{path}: {where}holds Python objects (pickled data), which gradflow never "
                                 "loads") from None
         raise GradflowError(f"{path}: damaged .npz archive ({where}{msg})") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, IndexError, TypeError,
             NotImplementedError, MemoryError, OverflowError, RuntimeError) as exc:
-        where = f"member {member!r}: " if member is not None else ""
+        where = f"member {short_repr(member)}: " if member is not None else ""
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise GradflowError(f"{path}: damaged .npz archive ({where}{msg})") from None
 
@@ -292,14 +292,20 @@ def read_csv(path: Path):
         raise GradflowError(f"{path}: malformed CSV ({msg})") from None
 
 
+def short_repr(v: Any, limit: int = 40) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for error messages about damaged files."""
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_schema(path: Path, meta: Mapping[str, Any], kind: str) -> None:
     if not isinstance(meta, dict):
         raise GradflowError(f"{path}: not a gradflow {kind} file (expected a JSON object, found a "
                             f"{type(meta).__name__})")
     if meta.get("kind") != kind:
-        raise GradflowError(f"{path}: not a gradflow {kind} file (kind={meta.get('kind')!r})")
+        raise GradflowError(f"{path}: not a gradflow {kind} file (kind={short_repr(meta.get('kind'))})")
     v = meta.get("schema_version")
     if v != SCHEMA_VERSION:
         raise GradflowError(
-            f"{path}: schema_version {v!r} is not supported (this gradflow reads {SCHEMA_VERSION})"
+            f"{path}: schema_version {short_repr(v)} is not supported (this gradflow reads {SCHEMA_VERSION})"
         )

@@ -542,7 +542,7 @@ class _Loader:
             params = {}
             for n in names:
                 a = self.arrays.get(f"param_{i}_{n}")
-                ndim = a.ndim if a is not None and a.ndim in (1, 2) else 2
+                ndim = a.ndim if a is not None else 1  # a parameter has whatever shape its cell gives it
                 params[n] = torch.from_numpy(self.array(f"param_{i}_{n}", ndim, "fc", need=f"lists in {where}"))
             if params:
                 tr._params[unit] = params

@@ -215,7 +215,7 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> RunSet:
             bad = sorted(set(df["run"].dropna().unique()) - {old})
             if bad:
                 raise GradflowError(
-                    f"{f}: column 'run' holds {bad[0]!r} but {d / 'run.json'} labels the run {old!r}"
+                    f"{f}: column 'run' holds {_show(bad[0])} but {d / 'run.json'} labels the run {old!r}"
                 )
             if new != old:
                 df["run"] = new
@@ -251,7 +251,7 @@ def read_sweep(study: Path) -> tuple[pd.DataFrame, list[str]]:
             bad = num.isna() & df[col].notna()
             if bad.any():
                 i = int(bad.to_numpy().nonzero()[0][0])
-                raise GradflowError(f"{f}: column {col!r} must be numeric, row {i + 2} holds {df[col].iloc[i]!r}")
+                raise GradflowError(f"{f}: column {col!r} must be numeric, row {i + 2} holds {_show(df[col].iloc[i])}")
             df[col] = num.astype(float)
             _check_range(df[col], f, col)
     meta = _io.read_json(Path(study) / "study.json")
@@ -291,7 +291,7 @@ def read_table(path: Path, name: str) -> pd.DataFrame:
                 if bad.any():
                     i = int(bad.to_numpy().nonzero()[0][0])
                     raise GradflowError(f"{path}: column {col!r} must be one of {', '.join(_CHOICES[col])}; "
-                                        f"row {i + 2} holds {df[col].iloc[i]!r}")
+                                        f"row {i + 2} holds {_show(df[col].iloc[i])}")
             continue
         if col in _BOOL_COLUMNS:
             df[col] = _to_bool(df[col], path, col)
@@ -301,11 +301,18 @@ def read_table(path: Path, name: str) -> pd.DataFrame:
         if bad.any():
             i = int(bad.to_numpy().nonzero()[0][0])
             raise GradflowError(
-                f"{path}: column {col!r} must be numeric, row {i + 2} holds {df[col].iloc[i]!r}"
+                f"{path}: column {col!r} must be numeric, row {i + 2} holds {_show(df[col].iloc[i])}"
             )
         df[col] = num.astype(float) if num.dtype.kind not in "iu" else num
         _check_range(df[col], path, col)
     return df
+
+
+def _show(v: Any, limit: int = 40) -> str:
+    """A value quoted for an error message, cut to ``limit`` characters (a damaged file can hold
+    megabytes in one cell)."""
+    text = repr(v.item() if hasattr(v, "item") else v)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check_range(v: pd.Series, path: Path, col: str) -> None:
@@ -337,7 +344,7 @@ def _to_bool(s: pd.Series, path: Path, col: str) -> pd.Series:
     bad = out.isna()
     if bad.any():
         i = int(bad.to_numpy().nonzero()[0][0])
-        raise GradflowError(f"{path}: column {col!r} must be true/false, row {i + 2} holds {s.iloc[i]!r}")
+        raise GradflowError(f"{path}: column {col!r} must be true/false, row {i + 2} holds {_show(s.iloc[i])}")
     return out.astype(bool)
 
 
@@ -370,10 +377,10 @@ def _read_run_json(d: Path) -> dict:
         raise GradflowError(f"{f}: 'name' must be a non-empty string")
     status = meta.get("status")
     if status not in STATUSES:
-        raise GradflowError(f"{f}: 'status' is {status!r}; expected one of {', '.join(STATUSES)}")
+        raise GradflowError(f"{f}: 'status' is {_show(status)}; expected one of {', '.join(STATUSES)}")
     da = meta.get("diverged_at")
     if da is not None and (isinstance(da, bool) or not isinstance(da, int)):
-        raise GradflowError(f"{f}: 'diverged_at' must be an integer step or null, not {da!r}")
+        raise GradflowError(f"{f}: 'diverged_at' must be an integer step or null, not {_show(da)}")
     for k in ("spec", "task", "model", "clip", "meta", "result", "analysis"):
         if meta.get(k) is not None and not isinstance(meta[k], dict):
             raise GradflowError(f"{f}: {k!r} must be a JSON object")

@@ -120,6 +120,7 @@ def _check_one_line(fn, f: Path, what: str):
     except GradflowError as exc:
         msg = str(exc)
         assert "\n" not in msg, f"{what}: {msg!r}"
+        assert len(msg.replace(str(f.parent), "")) < 400, f"{what}: a readable line, not {len(msg)} characters"
         assert f.name in msg, f"{what}: error does not name {f.name}: {msg}"
         return msg
     except BaseException as exc:  # noqa: BLE001 -- the point of the test
@@ -154,8 +155,18 @@ def test_json_with_a_5000_digit_integer(study, fname):
     doc = json.loads(f.read_text())
     doc["schema_version"] = "@@"
     f.write_text(json.dumps(doc).replace('"@@"', "9" * 5000))
+
     for name, fn in _readers_for(study, f):
         assert _check_one_line(fn, f, name), name
+
+
+def test_table_with_a_5000_digit_integer(study):
+    t = _run(study) / "products.csv"
+    df = pd.read_csv(t, dtype=str)
+    df.loc[0, "distance"] = "9" * 5000
+    df.to_csv(t, index=False)
+    msg = _check_one_line(lambda: gradflow.load(_run(study)), t, "5000 digits in products.csv")
+    assert msg and "row 2" in msg
 
 
 @pytest.mark.parametrize("fname", ["run.json", "trace/trace.json", "../study.json"])
