@@ -52,7 +52,10 @@ from typing import Any, Mapping
 from . import kinds
 from .errors import SpecError
 
-__all__ = ["StudySpec", "RunSpec", "load_spec", "parse_spec"]
+__all__ = ["StudySpec", "RunSpec", "load_spec", "parse_spec", "check_run_dirs", "run_dirname"]
+
+# names gradflow itself writes into a study / sweep directory (a run directory must not take one)
+RESERVED_NAMES = frozenset({"study.json", "sweep.csv", ".gradflow-sweep.lock"})
 
 TOP_KEYS = {"name", "title", "claim", "task", "model", "train", "analysis", "runs"}
 # generic model keys, and every cell kind's own options (an LSTM's forget_bias, an LRU's r_min ...)
@@ -73,7 +76,7 @@ class RunSpec:
 
     @property
     def dirname(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.label).strip("_") or "run"
+        return run_dirname(self.label)
 
     def resolved(self) -> dict:
         return {"label": self.label, "cell": self.cell, "task": dict(self.task), "model": dict(self.model),
@@ -119,6 +122,36 @@ def _typed(v, types, src, table, key, what):
     if not isinstance(v, types):
         raise SpecError(f"{_where(src, table)} {key} must be {what}, got {v!r}")
     return v
+
+
+def run_dirname(label: str) -> str:
+    """The directory name of a run inside its study directory: the label with every run of characters
+    other than letters, digits, '.', '_' and '-' replaced by '_' (then stripped of '_'); "run" if empty."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "run"
+
+
+def check_run_dirs(labels, source: str = "<spec>") -> None:
+    """One-line SpecError naming ``source`` and the label(s) unless every label maps to its own safe
+    directory directly inside the study directory: no two labels may share a directory (compared
+    case-insensitively: one directory on macOS and Windows), and none may map to ".", "..", a hidden
+    name (gradflow keeps its temporary and trash entries there) or a file gradflow writes there."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        d = run_dirname(label)
+        if d in (".", ".."):
+            raise SpecError(f"{source}: run label {label!r} would make the run directory {d!r} (the study "
+                            f"directory itself or its parent); give it a label with letters or digits")
+        if d.startswith("."):
+            raise SpecError(f"{source}: run label {label!r} would make the hidden run directory {d!r}; "
+                            f"start the label with a letter or digit")
+        if d in RESERVED_NAMES:
+            raise SpecError(f"{source}: run label {label!r} would make the run directory {d!r}, a file gradflow "
+                            f"writes in the study directory; choose another label")
+        key = d.casefold()
+        if key in seen:
+            raise SpecError(f"{source}: runs {seen[key]!r} and {label!r} would share the directory {d!r}; "
+                            f"give them labels that differ in letters or digits")
+        seen[key] = label
 
 
 def _merge(*ds: Mapping | None) -> dict:
@@ -192,6 +225,7 @@ def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str
             if rtrain["clip"].get("mode") == "none":
                 rtrain["clip"] = {"mode": "none"}
         out.append(RunSpec(label=label, cell=cell, task=_merge(task, r.get("task")), model=rmodel, train=rtrain))
+    check_run_dirs([r.label for r in out], source)
     spec = StudySpec(name=name, title=title, claim=claim.strip(), runs=tuple(out), analysis=analysis, source=source)
     for r in spec.runs:  # build everything once so type errors surface before anything runs
         build_run(r, source)

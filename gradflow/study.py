@@ -25,7 +25,7 @@ import pandas as pd
 
 from . import _io
 from .errors import GradflowError
-from .spec import StudySpec, build_run
+from .spec import StudySpec, build_run, check_run_dirs
 
 __all__ = ["run_study", "analyse_run"]
 
@@ -39,6 +39,7 @@ def run_study(spec: StudySpec, out: str | Path, *, progress: bool = True,
     """Train and analyse every run of ``spec`` into ``out``; returns ``out``."""
     from .training import train
 
+    check_run_dirs([r.label for r in spec.runs], spec.source)  # a StudySpec built by hand is checked too
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise GradflowError(f"{out}: exists and is not a directory")

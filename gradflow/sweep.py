@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping
 
 from . import _io
 from .errors import GradflowError, SpecError
-from .spec import CLIP_KEYS, MODEL_KEYS, TOP_KEYS, TRAIN_KEYS, RunSpec, StudySpec, build_run, parse_spec
+from .spec import CLIP_KEYS, MODEL_KEYS, TOP_KEYS, TRAIN_KEYS, RunSpec, StudySpec, build_run, check_run_dirs, parse_spec
 
 __all__ = ["SweepSpec", "RunOutcome", "SweepResult", "SweepInterrupted", "expand_sweep", "load_sweep", "run_sweep",
            "sweep_table", "incomplete", "ENGINES"]
@@ -196,13 +196,8 @@ def expand_sweep(doc: Mapping[str, Any], source: str = "<sweep>", default_name: 
         points.append(dict(zip((k for k, _ in axes), combo)))
     study_doc = {k: v for k, v in doc.items() if k != "sweep"}
     study_doc["runs"] = runs
+    check_run_dirs([r["label"] for r in runs], source)  # before anything is built
     study = parse_spec(study_doc, source, default_name=default_name)
-    dirs: dict[str, str] = {}
-    for r in study.runs:
-        if r.dirname in dirs:
-            raise SpecError(f"{source}: runs {dirs[r.dirname]!r} and {r.label!r} would share the directory "
-                            f"{r.dirname!r}; make the axis values differ in letters or digits")
-        dirs[r.dirname] = r.label
     return SweepSpec(study, tuple(axes), tuple(points))
 
 
