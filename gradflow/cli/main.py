@@ -12,6 +12,8 @@ from .._version import __version__
 
 USAGE_EXIT = 2  # the command line itself is wrong: unknown command/option, missing argument, bad value
 ERROR_EXIT = 1  # the command line was fine but the command failed (bad spec, missing file, ...)
+# bare ``gradflow``: click >= 8.2 raises this usage error to show the help; older click exits 0 itself
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 class OneLineGroup(click.Group):
@@ -24,7 +26,7 @@ class OneLineGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:  # bare ``gradflow``: the help, as click shows it
+        except _NO_ARGS_IS_HELP as exc:  # bare ``gradflow``: the help, as click shows it
             exc.show()
             sys.exit(USAGE_EXIT)
         except click.UsageError as exc:

@@ -60,3 +60,8 @@ def test_help_and_version_still_exit_0(runner):
     for args in (["--help"], ["run", "--help"], ["--version"]):
         r = runner.invoke(cli, args)
         assert r.exit_code == 0 and r.stdout.strip() and not r.stderr, args
+
+
+def test_bare_gradflow_shows_the_help_as_a_usage_error(runner):
+    r = runner.invoke(cli, [])
+    assert r.exit_code == 2 and "Commands:" in r.output and "run" in r.output
