@@ -24,7 +24,7 @@ dL/dθ = Σ_t (∂s_t/∂θ)ᵀ δ_t, masked steps contributing nothing.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
+from ._once import once_differentiable
 
 from . import _kernel as K
 from ._base import KindImpl

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
+from ._once import once_differentiable
 
 from . import _kernel as K
 from ._gated import GatedKind, preactivations, promoted

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
+from ._once import once_differentiable
 
 from ..errors import UnsupportedModuleError
 from . import _kernel as K
