@@ -21,42 +21,88 @@ from ._gated import GatedKind, preactivations, promoted
 
 class GRURecurrence(torch.autograd.Function):
     """xw = W_ih x + b_ih; per step gh = W_hh h + b_hh; r, z = σ(xw_rz + gh_rz);
-    n = tanh(xw_n + r·gh_n); h' = n + z(h − n)."""
+    n = tanh(xw_n + r·gh_n); h' = n + z(h − n).
+
+    ``fused``: the arguments of ``torch._VF.gru`` for this layer-direction (flat weights,
+    has_biases), or None. Forward routes (:func:`_kernel.route`): ``steps`` runs the recurrence step
+    by step; ``fused`` runs PyTorch's fused kernel (the plain module's own numbers), then recovers
+    r, z, n and W_hn h + b_hn of every step with one GEMM per block of steps and no per-step op.
+    Both keep the same tensors and share the backward."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, b_ih, h0, w_hh, b_hh, mask, sink):
+    def forward(ctx, x, w_ih, b_ih, h0, w_hh, b_hh, mask, sink, fused):
         x = x.contiguous()
         T, B = x.shape[:2]
         H = w_hh.shape[1]
-        rzn = K.empty(sink, (T, B, 3 * H), x)  # xw, overwritten step by step with (r, z, n)
+        rzn = K.empty(sink, (T, B, 3 * H), x)  # xw, overwritten with (r, z, n)
         K.project(x, w_ih, b_ih, rzn)
         hns = K.empty(sink, (T, B, H), x)  # W_hn h + b_hn
-        out = K.empty(sink, (T, B, H), x)
-        gh = x.new_empty(B, 3 * H)
-        dh = x.new_empty(B, H)
+        has_b = b_hh.numel() > 0
+        if K.route("gru", x, mask, w_hh, fused) == "fused":
+            out, h_n = torch._VF.gru(x, h0.unsqueeze(0), *fused, 1, 0.0, False, False, False)
+            GRURecurrence._recover(rzn, hns, out, h0, w_hh, b_hh)
+            h_n = h_n[0]
+        else:
+            out = K.empty(sink, (T, B, H), x)
+            GRURecurrence._steps(rzn, hns, out, h0, w_hh, b_hh, mask)
+            h_n = out[T - 1].clone()
+        ctx.save_for_backward(x, w_ih, rzn, hns, out, h0, w_hh)
+        ctx.mask, ctx.sink, ctx.has_b, ctx.has_b_ih = mask, sink, has_b, b_ih.numel() > 0
+        if sink is not None:
+            sink.forward(h=out)
+        return out, h_n
+
+    @staticmethod
+    def _steps(rzn, hns, out, h0, w_hh, b_hh, mask):
+        T, B, G = rzn.shape
+        H = G // 3
+        gh = rzn.new_empty(B, 3 * H)
+        dh = rzn.new_empty(B, H)
         w_hh_t = w_hh.t()
         has_b = b_hh.numel() > 0
+        RZ, N_, HN, OUT = (rzn[..., : 2 * H].unbind(0), rzn[..., 2 * H:].unbind(0), hns.unbind(0),
+                           out.unbind(0))
+        R_, Z_ = rzn[..., :H].unbind(0), rzn[..., H: 2 * H].unbind(0)
+        gh_rz, gh_n = gh[:, : 2 * H], gh[:, 2 * H:]
         h = h0
         for t in range(T):
             if has_b:
                 torch.addmm(b_hh, h, w_hh_t, out=gh)
             else:
                 torch.mm(h, w_hh_t, out=gh)
-            a = rzn[t]
-            a[:, : 2 * H].add_(gh[:, : 2 * H]).sigmoid_()
-            r, z = a[:, :H], a[:, H: 2 * H]
-            hns[t] = gh[:, 2 * H:]
-            n = a[:, 2 * H:].addcmul_(r, gh[:, 2 * H:]).tanh_()
+            RZ[t].add_(gh_rz).sigmoid_()
+            HN[t].copy_(gh_n)
+            n = N_[t].addcmul_(R_[t], gh_n).tanh_()
             torch.sub(h, n, out=dh)
-            torch.addcmul(n, z, dh, out=out[t])
+            torch.addcmul(n, Z_[t], dh, out=OUT[t])
             if mask is not None:
-                torch.where(mask[t].unsqueeze(1), out[t], h, out=out[t])
-            h = out[t]
-        ctx.save_for_backward(x, w_ih, rzn, hns, out, h0, w_hh)
-        ctx.mask, ctx.sink, ctx.has_b, ctx.has_b_ih = mask, sink, has_b, b_ih.numel() > 0
-        if sink is not None:
-            sink.forward(h=out)
-        return out, out[T - 1].clone()
+                torch.where(mask[t].unsqueeze(1), OUT[t], h, out=OUT[t])
+            h = OUT[t]
+
+    @staticmethod
+    def _recover(rzn, hns, out, h0, w_hh, b_hh):
+        """After the fused forward: rzn (holding W_ih x + b_ih) <- r, z, n and hns <- W_hn h_{t-1} + b_hn,
+        one GEMM per block of steps from the returned h_t."""
+        T, B, G = rzn.shape
+        H = G // 3
+        gh = rzn.new_empty(min(T, K.BLOCK), B, G)
+        w_hh_t = w_hh.t()
+        for s, e in K.blocks(T, reverse=False):
+            n = e - s
+            g = gh[:n]
+            g2 = g.view(n * B, G)
+            if s == 0:
+                torch.mm(h0, w_hh_t, out=g[0])
+                if n > 1:
+                    torch.mm(out[: e - 1].view((n - 1) * B, -1), w_hh_t, out=g[1:].view((n - 1) * B, G))
+            else:
+                torch.mm(out[s - 1: e - 1].view(n * B, -1), w_hh_t, out=g2)
+            if b_hh.numel():
+                g2.add_(b_hh)
+            a = rzn[s:e]
+            a[..., : 2 * H].add_(g[..., : 2 * H]).sigmoid_()
+            hns[s:e] = g[..., 2 * H:]
+            a[..., 2 * H:].addcmul_(a[..., :H], g[..., 2 * H:]).tanh_()
 
     @staticmethod
     @once_differentiable
@@ -65,53 +111,57 @@ class GRURecurrence(torch.autograd.Function):
         mask, sink = ctx.mask, ctx.sink
         T, B, H = out.shape
         d_x = K.empty(sink, (T, B, 3 * H), out)  # dL/d(W_ih x + b_ih)
-        d_gh = K.empty(sink, (T, B, 3 * H), out)  # dL/d(W_hh h + b_hh)
+        d_gh = K.empty(sink, (T, B, 3 * H), out)  # factors, then dL/d(W_hh h + b_hh) in place
         d_h = K.empty(sink, out.shape, out)
         torch.add(g_out[T - 1], g_hn, out=d_h[T - 1])
         n_ = min(T, K.BLOCK)
-        Fn, Fz, Fr, hp, tmp = (out.new_empty(n_, B, H) for _ in range(5))
-        dv = out.new_empty(B, H) if mask is not None else None
+        hp, tmp = out.new_empty(n_, B, H), out.new_empty(n_, B, H)
+        dv = out.new_empty(B, 1, H) if mask is not None else None
         notm = None if mask is None else (~mask).unsqueeze(-1).to(out.dtype)
+        maskf = None if mask is None else mask.unsqueeze(-1).to(out.dtype)
         dh0 = None
         for s, e in K.blocks(T):
             a = rzn[s:e]
             r, z, n = a[..., :H], a[..., H: 2 * H], a[..., 2 * H:]
             m = e - s
             h_prev = K.prev(out, h0, s, e, hp)
-            # dan = dv·(1−z)(1−n²); dx_r = dan·r(1−r)·hn; dx_z = dv·z(1−z)(h_prev − n)
-            fn, fz, fr, tp = Fn[:m], Fz[:m], Fr[:m], tmp[:m]
+            # dg = v·[fn·fr, fz, fn·r] with fn = (1 − z)(1 − n²), fr = r(1 − r)·hn, fz = z(1 − z)(h_prev − n);
+            # dx = [dg_r, dg_z, v·fn]
+            c3 = d_gh[s:e]
+            fr, fz, fnr = c3[..., :H], c3[..., H: 2 * H], c3[..., 2 * H:]
+            fn, tp = d_x[s:e, :, 2 * H:], tmp[:m]
             K.dtanh_times(n, torch.neg(z, out=fn).add_(1), tp, fn)
             K.dsigmoid_times(z, torch.sub(h_prev, n, out=fz), tp, fz)
-            K.dsigmoid_times(r, hns[s:e], tp, fr)
+            K.dsigmoid_times(r, hns[s:e], tp, fr).mul_(fn)
+            torch.mul(fn, r, out=fnr)
+            lo = max(s - 1, 0)
+            DG3, DG, Z_ = c3.view(m, B, 3, H).unbind(0), c3.unbind(0), z.unbind(0)
+            DH, DH1, GO = d_h[lo:e].unbind(0), d_h[lo:e].unsqueeze(2).unbind(0), g_out[lo:e].unbind(0)
             for t in range(e - 1, s - 1, -1):
-                j = t - s
-                dh_t = d_h[t]
+                j, k = t - s, t - lo
                 if mask is None:
-                    v = dh_t
+                    v, v1 = DH[k], DH1[k]
                 else:
-                    v = torch.mul(dh_t, mask[t].unsqueeze(1), out=dv)
-                dx, dg = d_x[t], d_gh[t]
-                dan = torch.mul(v, fn[j], out=dx[:, 2 * H:])
-                torch.mul(dan, fr[j], out=dx[:, :H])
-                torch.mul(v, fz[j], out=dx[:, H: 2 * H])
-                dg[:, : 2 * H] = dx[:, : 2 * H]
-                torch.mul(dan, r[j], out=dg[:, 2 * H:])
+                    v1 = torch.mul(DH1[k], maskf[t].unsqueeze(1), out=dv)
+                    v = v1.view(B, H)
+                DG3[j].mul_(v1)
                 if t > 0:
-                    dh_prev = torch.addmm(g_out[t - 1], dg, w_hh, out=d_h[t - 1])
+                    dh_prev = torch.addmm(GO[k - 1], DG[j], w_hh, out=DH[k - 1])
                 else:
-                    dh_prev = dh0 = dg.matmul(w_hh)
-                dh_prev.addcmul_(v, z[j])
+                    dh_prev = dh0 = DG[0].matmul(w_hh)
+                dh_prev.addcmul_(v, Z_[j])
                 if notm is not None:
-                    dh_prev.addcmul_(notm[t], dh_t)
-        del Fn, Fz, Fr, hp, tmp
+                    dh_prev.addcmul_(notm[t], DH[k])
+            dxb = d_x[s:e]
+            dxb[..., : 2 * H] = c3[..., : 2 * H]
+            dxb[..., 2 * H:].mul_(d_h[s:e] if mask is None else d_h[s:e] * maskf[s:e])
+        del hp, tmp
         if sink is not None:
             sink.backward("h", d_h)
         g_whh = K.recurrent_grad(d_gh, out, h0)
         g_bhh = d_gh.view(T * B, -1).sum(0) if ctx.has_b else None
         dx, dw_ih, db_ih = K.input_grads(ctx, d_x, x, w_ih, ctx.has_b_ih)
-        return dx, dw_ih, db_ih, dh0, g_whh, g_bhh, None, None
-
-
+        return dx, dw_ih, db_ih, dh0, g_whh, g_bhh, None, None, None
 
 
 class GRUKind(GatedKind):
@@ -120,8 +170,9 @@ class GRUKind(GatedKind):
 
     def record(self, x, params, s0, mask, sink):
         empty = params["weight_hh"].new_empty(0)
+        fused = (K.flat_weights(params, ("weight_ih", "weight_hh", "bias_ih", "bias_hh")), "bias_ih" in params)
         out, h = GRURecurrence.apply(x, params["weight_ih"], params.get("bias_ih", empty), s0[0],
-                                     params["weight_hh"], params.get("bias_hh", empty), mask, sink)
+                                     params["weight_hh"], params.get("bias_hh", empty), mask, sink, fused)
         return out, (h,)
 
     # ------------------------------------------------------------------ linearization

@@ -18,31 +18,42 @@ from ._gated import GatedKind, preactivations, promoted
 
 
 class RNNRecurrence(torch.autograd.Function):
-    """h' = act(W_ih x + b + W_hh h) with b = b_ih + b_hh, act = tanh or relu."""
+    """h' = act(W_ih x + b + W_hh h) with b = b_ih + b_hh, act = tanh or relu.
+
+    ``fused``: the arguments of ``torch._VF.rnn_tanh/rnn_relu`` for this layer-direction (flat
+    weights, has_biases), or None. Forward routes (:func:`_kernel.route`): ``steps`` runs the
+    recurrence step by step; ``fused`` runs PyTorch's fused kernel (the plain module's own numbers),
+    whose h_t are all the backward needs. Both share the backward."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, b, h0, w_hh, relu, mask, sink):
+    def forward(ctx, x, w_ih, b, h0, w_hh, relu, mask, sink, fused):
         x = x.contiguous()
         T, B = x.shape[:2]
-        H = w_hh.shape[0]
-        out = K.empty(sink, (T, B, H), x)  # the pre-activations, then h_t in place
-        K.project(x, w_ih, b, out)
-        w_hh_t = w_hh.t()
-        h = h0
-        for t in range(T):
-            a = out[t].addmm_(h, w_hh_t)
-            if relu:
-                a.relu_()
-            else:
-                a.tanh_()
-            if mask is not None:
-                torch.where(mask[t].unsqueeze(1), a, h, out=a)
-            h = a
+        if K.route("rnn", x, mask, w_hh, fused) == "fused":
+            run = torch._VF.rnn_relu if relu else torch._VF.rnn_tanh
+            out, h_n = run(x, h0.unsqueeze(0), *fused, 1, 0.0, False, False, False)
+            h_n = h_n[0]
+        else:
+            H = w_hh.shape[0]
+            out = K.empty(sink, (T, B, H), x)  # the pre-activations, then h_t in place
+            K.project(x, w_ih, b, out)
+            w_hh_t = w_hh.t()
+            h = h0
+            for t, a in enumerate(out.unbind(0)):
+                a.addmm_(h, w_hh_t)
+                if relu:
+                    a.relu_()
+                else:
+                    a.tanh_()
+                if mask is not None:
+                    torch.where(mask[t].unsqueeze(1), a, h, out=a)
+                h = a
+            h_n = out[T - 1].clone()
         ctx.save_for_backward(x, w_ih, out, h0, w_hh)
         ctx.mask, ctx.sink, ctx.relu, ctx.has_b = mask, sink, relu, b.numel() > 0
         if sink is not None:
             sink.forward(h=out)
-        return out, out[T - 1].clone()
+        return out, h_n
 
     @staticmethod
     @once_differentiable
@@ -50,14 +61,13 @@ class RNNRecurrence(torch.autograd.Function):
         x, w_ih, out, h0, w_hh = ctx.saved_tensors
         mask, sink = ctx.mask, ctx.sink
         T, B, H = out.shape
-        d_pre = K.empty(sink, out.shape, out)
+        d_pre = K.empty(sink, out.shape, out)  # act'(pre), then dL/d(pre) in place
         d_h = K.empty(sink, out.shape, out)
         torch.add(g_out[T - 1], g_hn, out=d_h[T - 1])
-        fa = out.new_empty(min(T, K.BLOCK), B, H)  # act'(pre) per block
         notm = None if mask is None else (~mask).unsqueeze(-1).to(out.dtype)
         dh0 = None
         for s, e in K.blocks(T):
-            f = fa[: e - s]
+            f = d_pre[s:e]
             if ctx.relu:
                 torch.gt(out[s:e], 0, out=f)
             else:
@@ -65,20 +75,22 @@ class RNNRecurrence(torch.autograd.Function):
                 f.neg_().add_(1)
             if mask is not None:
                 f.mul_(mask[s:e].unsqueeze(-1))
+            lo = max(s - 1, 0)
+            DP, DH, GO = f.unbind(0), d_h[lo:e].unbind(0), g_out[lo:e].unbind(0)
             for t in range(e - 1, s - 1, -1):
-                dp = torch.mul(d_h[t], f[t - s], out=d_pre[t])
+                j, k = t - s, t - lo
+                dp = DP[j].mul_(DH[k])
                 if t > 0:
-                    dh_prev = torch.addmm(g_out[t - 1], dp, w_hh, out=d_h[t - 1])
+                    dh_prev = torch.addmm(GO[k - 1], dp, w_hh, out=DH[k - 1])
                 else:
                     dh_prev = dh0 = dp.matmul(w_hh)
                 if notm is not None:
-                    dh_prev.addcmul_(notm[t], d_h[t])
-        del fa
+                    dh_prev.addcmul_(notm[t], DH[k])
         if sink is not None:
             sink.backward("h", d_h)
         g_whh = K.recurrent_grad(d_pre, out, h0)
         dx, dw_ih, db = K.input_grads(ctx, d_pre, x, w_ih, ctx.has_b)
-        return dx, dw_ih, db, dh0, g_whh, None, None, None
+        return dx, dw_ih, db, dh0, g_whh, None, None, None, None
 
 
 class RNNKind(GatedKind):
@@ -107,7 +119,8 @@ class RNNKind(GatedKind):
     def record(self, x, params, s0, mask, sink):
         w_ih, w_hh = params["weight_ih"], params["weight_hh"]
         b = params["bias_ih"] + params["bias_hh"] if "bias_ih" in params else w_hh.new_empty(0)
-        out, h = RNNRecurrence.apply(x, w_ih, b, s0[0], w_hh, self.relu, mask, sink)
+        fused = (K.flat_weights(params, ("weight_ih", "weight_hh", "bias_ih", "bias_hh")), "bias_ih" in params)
+        out, h = RNNRecurrence.apply(x, w_ih, b, s0[0], w_hh, self.relu, mask, sink, fused)
         return out, (h,)
 
     # ------------------------------------------------------------------ linearization

@@ -279,7 +279,7 @@ def test_every_route_property(case, route):
         check_case(case)
 
 
-@pytest.mark.parametrize("kind", ["lstm"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_fused_route_forward_is_the_fused_kernel(kind):
     """On the fused route the recorded output is the plain module's own (bit for bit); with a mask
     (PackedSequence) the route falls back to steps."""
