@@ -65,3 +65,22 @@ def test_help_and_version_still_exit_0(runner):
 def test_bare_gradflow_shows_the_help_as_a_usage_error(runner):
     r = runner.invoke(cli, [])
     assert r.exit_code == 2 and "Commands:" in r.output and "run" in r.output
+
+
+def test_console_entry_point_prints_one_line(tmp_path):
+    """Through the real entry point (gradflow.cli:main) in a fresh process, not CliRunner."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "run.json").write_bytes(b'{"kind": "run", "name": "\xff"}')
+    for args, code, text in ((["run"], 2, "Missing argument 'SPEC'"), (["report", str(run)], 1, "run.json: not UTF-8")):
+        r = subprocess.run([sys.executable, "-c", "from gradflow.cli import main; main()", *args], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == code and r.stdout == "", (args, r.returncode, r.stdout, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("Error: ") and text in r.stderr, r.stderr
