@@ -146,9 +146,9 @@ def test_lyapunov_top_k_equals_explicit_qr_sweep(case):
     got = lyapunov_spectrum(case["trace"], case["key"], k=K, chunk=3).exponents
     if case["kind"] in ("mingru", "minlstm", "indrnn", "lru"):
         _close(got, full[:, :K])  # exact per unit: the k units of largest average
-    else:  # same random start frame as lyapunov_exponents(seed=0)
+    else:  # same random start frame as lyapunov_exponents(seed=0): the first k columns of a random S×S frame
         g = torch.Generator().manual_seed(0)
-        Q0 = torch.linalg.qr(torch.randn(S, K, generator=g, dtype=h.DT)).Q
+        Q0 = torch.linalg.qr(torch.randn(S, S, generator=g, dtype=h.DT)[:, :K]).Q
         _close(got, _qr_sweep(J, mask, Q0))
         _close(lyapunov_exponents(J, k=K, mask=mask, chunk=2).exponents, _qr_sweep(J, mask, Q0))
 
