@@ -7,9 +7,10 @@ callback call. For each unit it first makes a :class:`~gradflow.analysis.plan.Pl
 * ``distance`` / ``decay``: from the recorded gradient norms of the whole batch (O(T·B));
 * ``spectra`` (the distribution of singular values at the plan's steps: all S on the dense and exact
   routes, the top k on the matrix-free one) and ``spectra_summary`` (per step, mean over the batch):
-  σ_max at **every** step (at steps without a distribution: Rayleigh–Ritz on a block Krylov basis of
-  at most 32 vectors, a lower bound, exact at small S);
-  σ_min, the fraction of σ > 1 and ρ at the distribution steps (NaN elsewhere). On the top-k route
+  on the dense route every step's singular values give σ_max, σ_min and the fraction of σ > 1 at
+  every step, and ρ (an eigenvalue decomposition) is computed at the distribution steps. On the top-k
+  route σ_max is computed at every step (between distribution steps by Rayleigh–Ritz on a block
+  Krylov basis of at most 32 vectors: a lower bound, exact at small S); there
   σ_min is not known (NaN), the fraction of σ > 1 is exact where σ_k ≤ 1 (NaN otherwise), and ρ is
   not computed (NaN): no matrix-free route gives it reliably for a non-normal J;
 * ``products`` (log-spaced distances, all directions) and ``lyapunov`` (all directions or the top k,
@@ -159,23 +160,27 @@ def _spectra(small: Trace, key, plan: Plan, cfg: AnalysisConfig, device):
             summ["spectral_radius"][a:b] = sv[..., 0]
             rows.append(_rows(sv, key, r, mask[a:b], a))
             continue
+        if plan.spectra == "dense":  # every step's singular values (exact σ_max, σ_min); ρ and rows at the plan's steps
+            J = lin.dense()
+            sv = singular_values(J, on_nonfinite="nan")
+            st = step_summary(J, radius=False, sigma=sv, on_nonfinite="nan")
+            for c in st:
+                summ[c][a:b] = st[c].to(torch.float64).cpu()
+            if len(sel):
+                j = sel - a
+                if plan.radius:
+                    summ["spectral_radius"][sel] = step_summary(J[j], radius=True, sigma=sv[j], on_nonfinite="nan")[
+                        "spectral_radius"].to(torch.float64).cpu()
+                rows.append(_rows(sv[j].to(torch.float64).cpu(), key, r, mask[sel], sel))
+            del J
+            continue
         if len(sel):
             sub = lin.select(sel - a)
-            if plan.spectra == "dense":
-                J = sub.dense()
-                sv = singular_values(J, on_nonfinite="nan")
-                st = step_summary(J, radius=plan.radius, sigma=sv, on_nonfinite="nan")
-                sv = sv.to(torch.float64).cpu()
-                for c in summ:
-                    if c in st:
-                        summ[c][sel] = st[c].to(torch.float64).cpu()
-                del J
-            else:
-                sv = _top(sub, plan.k, _bad_steps(sub)).cpu()
-                summ["sigma_max"][sel] = sv[..., 0]
-                exact = sv[..., -1] <= 1  # every σ > 1 is among the top k
-                fr = (sv > 1).to(torch.float64).sum(-1) / S
-                summ["frac_gt1"][sel] = torch.where(exact, fr, torch.full_like(fr, math.nan))
+            sv = _top(sub, plan.k, _bad_steps(sub)).cpu()
+            summ["sigma_max"][sel] = sv[..., 0]
+            exact = sv[..., -1] <= 1  # every σ > 1 is among the top k
+            fr = (sv > 1).to(torch.float64).sum(-1) / S
+            summ["frac_gt1"][sel] = torch.where(exact, fr, torch.full_like(fr, math.nan))
             rows.append(_rows(sv, key, r, mask[sel], sel))
         if len(other):
             sub = lin.select(other - a)

@@ -10,9 +10,9 @@ budget of an :class:`~gradflow.analysis.AnalysisConfig`, :func:`plan_unit` choos
 * the **timesteps** whose full distribution is drawn: all of them when that is cheap (diagonal
   structure, or T·B factorisations under ~10 Gflop), else evenly spaced ones: as many as cost about
   64 sweeps of S vectors through all steps (≈ 6.4·T/S), at least 4 and at most ``spectra_steps``.
-  σ_max is computed at every step whatever the route (a Krylov lower bound from a basis of ≤ 32
-  vectors at steps without a distribution); σ_min, the fraction of σ > 1 and the spectral radius ρ
-  at the distribution steps (ρ only on the dense and exact routes);
+  σ_max is computed at every step whatever the route: dense and exact routes factor every step
+  (σ_max, σ_min, fraction of σ > 1; ρ at the distribution steps), the top-k route uses a Krylov lower
+  bound from a basis of ≤ 32 vectors between distribution steps (σ_min unknown, ρ not computed);
 * **products** over distance: all S directions (an S-column QR frame; exact per-unit products for a
   diagonal structure); the **Lyapunov** spectrum: all S directions when S ≤ ``dense_max`` or the
   structure is diagonal, else the top k;
@@ -103,7 +103,7 @@ class Plan:
             sv = f"all {self.S} singular values {at}, exact (diagonal Jacobian)"
         else:
             sv = f"all {self.S} singular values {at}, dense" + (
-                "" if n == T else "; σ_max at every step (a Krylov lower bound between them)")
+                "" if n == T else f"; σ_max, σ_min at every step, ρ at the {n}")
 
         def part(name, m):
             if not m:
