@@ -115,6 +115,15 @@ def _log_svd(ell, N, max_iter: int = 60, tol: float = 1e-13):
     converged, ranks are grouped into clusters whose ln σ are within 2 of a neighbour; each cluster
     is resolved by an SVD of its own diagonal block at its own scale (ranks it cannot resolve keep
     the converged diagonal)."""
+    out = _log_svd_rows(ell, N, max_iter, tol)
+    # r rows of exactly zero scale (an exactly singular step) leave rank ≤ m − r: those σ are exactly 0,
+    # not the rounding noise an SVD of the remaining rows would give them
+    dead = torch.isneginf(ell).sum(-1, keepdim=True)
+    rank = torch.arange(ell.shape[-1], device=ell.device)
+    return torch.where(rank >= ell.shape[-1] - dead, torch.full((), -math.inf, dtype=out.dtype, device=out.device), out)
+
+
+def _log_svd_rows(ell, N, max_iter, tol):
     top = ell.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     sv = torch.linalg.svdvals(torch.exp(ell - top)[..., None] * N)
@@ -229,10 +238,10 @@ def lyapunov_exponents(J, *, warmup: int = 0, k: int | None = None, mask=None, b
     """Lyapunov spectrum of the step-ordered Jacobians J (explicit [T, B, S, S] or a Linearization).
 
     warmup: steps run (to align Q with the dominant directions) but not averaged; k: number of
-    exponents (default S; with k < S, Q_0 is the first k columns of a random orthogonal S×S frame — that
-    of ``frame='random'``, so the top-k run follows the leading columns of that full run exactly and
-    both give the same top k exponents; ``frame='identity'``, the default, starts a full run from I,
-    exact at once for constant diagonal maps); mask [T, B]: steps
+    exponents (default S; with k < S, Q_0 = qr(G[:, :k]).Q with G [S, S] standard normal from ``seed`` — the
+    leading k columns of the S-column frame of ``frame='random'``, so the top-k run follows the
+    leading columns of that full run exactly; ``frame='identity'``, the default, starts a full run
+    from I, exact at once for constant diagonal maps); mask [T, B]: steps
     that are False are identity maps and not counted. Batch items are independent: they are swept
     in ``threads`` groups in parallel, each with one intra-op thread (default: torch's intra-op
     thread count, at most the cores, and fewer while a group's step would cost under ~2 Mflop).
@@ -268,9 +277,10 @@ def _lyapunov(get, probe, T, mask, warmup, k, blocks, seed, threads, dev, chunk,
         raise GradflowError(f"lyapunov_exponents: frame={frame!r} must be 'identity' or 'random'")
     if k == S and frame == "identity":
         Q = torch.eye(S, dtype=torch.float64).expand(B, S, S).clone()
-    else:  # the leading k columns of one random orthogonal S×S frame: a k < S run follows the first k
-        g = torch.Generator().manual_seed(seed)  # columns of the frame='random' full run exactly
-        Q = torch.linalg.qr(torch.randn(S, S, generator=g, dtype=torch.float64)[:, :k]).Q.expand(B, S, k).clone()
+    else:  # Q_0 = qr(G[:, :k]), G [S, S] ~ N(0, 1) from ``seed`` (always S×S: torch draws another stream
+        g = torch.Generator().manual_seed(seed)  # for another size): a k < S frame is the leading k
+        G = torch.randn(S, S, generator=g, dtype=torch.float64)  # columns of the frame='random' full one
+        Q = torch.linalg.qr(G[:, :k]).Q.expand(B, S, k).clone()
     Q = Q.to(dev)
     valid = torch.ones(T, B, dtype=torch.bool) if mask is None else mask.cpu()
     counted = valid.clone()

@@ -36,7 +36,7 @@ from . import _util
 from .spectra import block_krylov
 
 _KRYLOV_SPREAD = 18.0  # ln(σ_1/σ_k) + ln d below which the chain Krylov route is accurate (see the docstring)
-_MAX_HALF = 200  # half-passes of subspace iteration at most
+_MAX_HALF = 40  # half-passes of subspace iteration at most (noise-level ranks of a singular product never settle)
 
 
 def oversampled(k: int, S: int) -> int:
