@@ -67,6 +67,16 @@ class CellCall:
     spec: Any = None  # the CellSpec that read this call
 
 
+def recordable(*tensors) -> bool:
+    """Whether a call on these tensors has values to record: none is empty (a batch or a sequence of
+    size 0) or on the meta device (shapes without values). Other calls run as plain torch, unrecorded."""
+    for x in tensors:
+        x = getattr(x, "data", x) if not isinstance(x, torch.Tensor) else x  # PackedSequence -> its data
+        if isinstance(x, torch.Tensor) and (x.is_meta or x.numel() == 0):
+            return False
+    return True
+
+
 def store_hook(recorder, call, slots, index) -> Callable:
     """A tensor hook that stores the incoming gradient in ``slots[index]`` (no compute on the hot
     path) and marks ``call`` as reached by the current backward pass."""

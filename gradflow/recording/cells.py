@@ -26,7 +26,7 @@ from .. import kinds
 from ..errors import GradflowError
 from ..trace import CellInfo
 from .adapters import Adapter
-from .calls import CellCall, store_hook
+from .calls import CellCall, recordable, store_hook
 
 __all__ = ["register_cell", "unregister_cell", "CellSpec"]
 
@@ -208,7 +208,7 @@ def make_forward_hook(recorder, path: str, module: nn.Module, spec: CellSpec):
             raise GradflowError(
                 f"module '{path}': expected {len(spec.states)} state tensor(s) {spec.states}, got {len(states)}"
             )
-        if not any(s.requires_grad for s in states):
+        if not any(s.requires_grad for s in states) or not recordable(*states):
             return None
         unbatched = states[0].dim() == 1
         aliases = tuple(s.view_as(s) if s.requires_grad else s for s in states)

@@ -23,7 +23,7 @@ from .. import kinds
 from ..errors import UnsupportedModuleError
 from ..kinds._layers import layer_info, processing_order, run_layers
 from .adapters import Adapter
-from .calls import FusedCall, UnitRecord
+from .calls import FusedCall, UnitRecord, recordable
 
 
 def kind_of(module: nn.Module):
@@ -61,7 +61,8 @@ class SequenceAdapter(Adapter):
         orig = type(module).forward.__get__(module)
 
         def forward(input, hx=None):
-            if not recorder._active or not torch.is_grad_enabled():
+            if not (recorder._active and torch.is_grad_enabled()
+                    and recordable(input, next(module.parameters(), None))):
                 return orig(input, hx)
             return unrolled_forward(recorder, path, module, impl, input, hx)
 

@@ -5,6 +5,7 @@ cell are its separate loops."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -123,3 +124,198 @@ def test_double_backward_through_recorded_cells_is_exact(name, loss_kind, how):
         _penalty_grads(m, x, loss_kind, how)
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], rtol=1e-12, atol=1e-12, msg=n)
+
+
+# ---------------------------------------------------------------------- item 9: like plain torch
+class Mixed(nn.Module):
+    """A fused bidirectional LSTM feeding a GRUCell loop and a head (fused and cell adapters at once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+        self.cell = nn.GRUCell(8, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        h = None
+        for t in range(out.shape[0]):
+            h = self.cell(out[t], h)
+        return self.head(h)
+
+
+def assert_plain(model, before):
+    """Nothing of gradflow left: no hook, no instance forward, no instance __getstate__."""
+    assert_clean(model, before)
+    for name, mod in model.named_modules():
+        assert "__getstate__" not in mod.__dict__, name
+
+
+def _mixed():
+    torch.manual_seed(0)
+    return Mixed().double(), torch.randn(5, 2, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("failure", [False, True])
+def test_deepcopy_inside_record_is_a_plain_independent_model(failure):
+    """The copy runs torch's own forward on its own parameters (not the recorded original's), is not
+    recorded, and neither the copy nor the original keeps anything of gradflow after exit."""
+    m, x = _mixed()
+    before, g0 = snapshot(m), global_hooks()
+    plain = copy.deepcopy(m)
+
+    class Boom(Exception):
+        pass
+
+    copies = []
+    with pytest.raises(Boom) if failure else contextlib.nullcontext():
+        with gradflow.record(m, keep="full") as rec:
+            c = copy.deepcopy(m)
+            copies.append(c)
+            assert_clean(c, before)
+            with torch.no_grad():  # the copy's parameters are its own
+                c.head.bias.add_(1.0)
+                plain.head.bias.add_(1.0)
+            y, ref = c(x), plain(x)
+            torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+            y.pow(2).sum().backward()
+            ref.pow(2).sum().backward()
+            for (n, p), q in zip(c.named_parameters(), plain.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=n)
+            assert all(p.grad is None for p in m.parameters())
+            assert rec.traces == []
+            if failure:
+                raise Boom
+            m(x).sum().backward()  # the original is still recorded
+            assert len(rec.trace.keys()) == 2 * 2 * 2 + 1
+    assert_plain(m, before)
+    assert_plain(copies[0], before)
+    assert global_hooks() == g0
+
+
+def test_torch_save_and_pickle_inside_record_give_the_plain_model():
+    m, x = _mixed()
+    before = snapshot(m)
+    with gradflow.record(m) as rec:
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        data = pickle.dumps(m)
+        m(x).sum().backward()
+        assert len(rec.traces) == 1
+    assert buf.getbuffer().nbytes > 0
+    loaded = pickle.loads(data)
+    assert_plain(loaded, before)
+    assert_plain(m, before)
+    torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
+    torch.save(m, io.BytesIO())
+
+
+def _outcome(fn):
+    try:
+        return "ok", fn()
+    except Exception as exc:  # noqa: BLE001 - the outcome is compared with plain torch's
+        return type(exc), str(exc)
+
+
+def _run_module(m, x):
+    out = m(x)
+    leaves = torch.utils._pytree.tree_leaves(out)
+    sum(t.sum() for t in leaves if isinstance(t, torch.Tensor)).backward()
+    return [t.detach() for t in leaves] + [p.grad for p in m.parameters()]
+
+
+EMPTY = [
+    *(dict(kind=k, shape=(5, 0, 3)) for k in KINDS),
+    *(dict(kind=k, shape=(0, 2, 3)) for k in ("lstm", "mingru")),
+    dict(kind="gru", shape=(0, 5, 3), batch_first=True),
+    dict(kind="lstm", shape=(5, 0, 3), layers=2, bidirectional=True),
+]
+
+
+@pytest.mark.parametrize("spec", EMPTY, ids=lambda s: f"{s['kind']}-{'x'.join(map(str, s['shape']))}")
+def test_empty_batch_and_empty_sequence_behave_as_the_plain_module(spec):
+    spec = dict(spec)
+    shape = spec.pop("shape")
+    m = build(Case(**spec))
+    x = torch.randn(*shape, dtype=torch.float64)
+    plain = _outcome(lambda: _run_module(m, x))
+    m.zero_grad(set_to_none=True)
+    with gradflow.record(m) as rec:
+        recorded = _outcome(lambda: _run_module(m, x))
+    assert recorded[0] == plain[0], (recorded, plain)
+    if plain[0] == "ok":
+        for a, b in zip(recorded[1], plain[1]):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert rec.traces == []
+    else:
+        assert recorded[1] == plain[1]
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_empty_batch_cell_loop_behaves_as_torch(name):
+    torch.manual_seed(0)
+    m = CellLoop(CELLS[name]()).double()
+    x = torch.randn(4, 0, 3, dtype=torch.float64)
+    plain = _run_module(m, x)
+    m.zero_grad(set_to_none=True)
+    with gradflow.record(m) as rec:
+        recorded = _run_module(m, x)
+    for a, b in zip(recorded, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert rec.traces == []
+
+
+@pytest.mark.parametrize("what", ["lstm", "gru", "mingru", "lru", "lstmcell", "mixed"])
+def test_meta_device_behaves_as_torch(what):
+    """Meta tensors have shapes and no values: forward and backward run as in torch, nothing is recorded."""
+    if what in CELLS:
+        m = CellLoop(CELLS[what]())
+    elif what == "mixed":
+        m = _mixed()[0]
+    else:
+        m = build(Case(kind=what))
+    m = m.to("meta")
+    x = torch.randn(5, 2, 3, dtype=next(m.parameters()).dtype, device="meta")
+    plain = _outcome(lambda: _run_module(m, x))
+    m.zero_grad(set_to_none=True)
+    before = snapshot(m)
+    with gradflow.record(m) as rec:
+        recorded = _outcome(lambda: _run_module(m, x))
+    assert plain[0] == "ok" and recorded[0] == "ok", (plain, recorded)
+    for a, b in zip(recorded[1], plain[1]):
+        assert a.is_meta and a.shape == b.shape and a.dtype == b.dtype
+    assert rec.traces == []
+    assert_clean(m, before)
+
+
+@pytest.mark.parametrize("bad", [42, 3.5, None.__class__, [42], ["lstm", 7], b"lstm"])
+def test_bad_modules_option_is_a_gradflow_error_naming_it(bad):
+    m, _ = _mixed()
+    with pytest.raises(GradflowError, match=r"record\(modules=") as err:
+        gradflow.record(m, modules=bad)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [5, "print"])
+def test_bad_callback_is_refused_before_any_backward(bad):
+    m, _ = _mixed()
+    with pytest.raises(GradflowError, match=r"record\(callback="):
+        gradflow.record(m, callback=bad)
+
+
+def test_a_failed_attach_leaves_the_model_plain_and_the_outer_recorder_working():
+    """A second record() of the same model fails on entry (the LSTM already has gradflow's forward): the
+    failed recorder takes back what it attached to the GRUCell, the outer one keeps recording and
+    copying, and after exit the model is plain."""
+    m, x = _mixed()
+    before = snapshot(m)
+    with gradflow.record(m) as outer:
+        with pytest.raises(UnsupportedModuleError, match="already has an instance forward"):
+            with gradflow.record(m, modules=["cell", "lstm"]):
+                pass
+        c = copy.deepcopy(m)
+        assert_plain(c, before)
+        m(x).sum().backward()
+        assert len(outer.trace.keys()) == 9
+    assert_plain(m, before)
