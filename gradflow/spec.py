@@ -51,6 +51,7 @@ from typing import Any, Mapping
 
 from . import kinds
 from .errors import SpecError
+from .spec_values import check_model, check_run, check_task, check_train
 
 __all__ = ["StudySpec", "RunSpec", "load_spec", "parse_spec", "check_run_dirs", "run_dirname"]
 
@@ -185,12 +186,17 @@ def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str
     _check_keys(task, set(task) | {"name"}, source, "task")
     if "name" not in task:
         raise SpecError(f"{source}: [task] needs name = one of {', '.join(list_tasks())}")
-    model = dict(doc.get("model", {}))
+    check_task(task, f"{source}: [task]")
+    model = doc.get("model", {})
     _check_keys(model, MODEL_KEYS, source, "model")
-    train = dict(doc.get("train", {}))
+    check_model(model, f"{source}: [model]")
+    model = dict(model)
+    train = doc.get("train", {})
     _check_keys(train, TRAIN_KEYS, source, "train")
     if "clip" in train:
         _check_keys(train["clip"], CLIP_KEYS, source, "train.clip")
+    check_train(train, f"{source}: [train]")
+    train = dict(train)
     from .analysis.config import AnalysisConfig  # every [analysis] value checked here, before any training
 
     analysis = AnalysisConfig.from_mapping(doc.get("analysis", {}), where=f"{source}: [analysis]")
@@ -216,8 +222,18 @@ def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str
         for sub, allowed in (("model", MODEL_KEYS), ("train", TRAIN_KEYS)):
             if sub in r:
                 _check_keys(r[sub], allowed, source, f"{where}.{sub}")
+        check_model({k: v for k, v in r.items() if k in MODEL_KEYS}, f"{source}: [{where}]")
+        if "model" in r:
+            check_model(r["model"], f"{source}: [{where}.model]")
+        if "train" in r:
+            if "clip" in r["train"]:
+                _check_keys(r["train"]["clip"], CLIP_KEYS, source, f"{where}.train.clip")
+            check_train(r["train"], f"{source}: [{where}.train]")
         if "task" in r:
+            if not isinstance(r["task"], Mapping):
+                raise SpecError(f"{source}: [{where}] task must be a table, got {type(r['task']).__name__}")
             _check_keys(r["task"], set(r["task"]), source, f"{where}.task")
+            check_task(r["task"], f"{source}: [{where}.task]", need_name=False)
         rmodel = _merge(model, {k: v for k, v in r.items() if k in MODEL_KEYS}, r.get("model"))
         rtrain = _merge(train, r.get("train"))
         if "clip" in rtrain:
@@ -227,8 +243,15 @@ def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str
         out.append(RunSpec(label=label, cell=cell, task=_merge(task, r.get("task")), model=rmodel, train=rtrain))
     check_run_dirs([r.label for r in out], source)
     spec = StudySpec(name=name, title=title, claim=claim.strip(), runs=tuple(out), analysis=analysis, source=source)
-    for r in spec.runs:  # build everything once so type errors surface before anything runs
-        build_run(r, source)
+    seen_keys: set = set()
+    for r in spec.runs:  # every run checked as a whole, building nothing large, before anything runs
+        have = check_run(r, source, spec.analysis)
+        seen_keys |= set(have or ())
+    if spec.analysis.keys != "all":
+        missing = [k for k in spec.analysis.keys if k not in seen_keys]
+        if missing:
+            raise SpecError(f"{source}: [analysis] keys {missing!r} name no state key of any run "
+                            f"(they have: {', '.join(sorted(seen_keys))})")
     return spec
 
 
