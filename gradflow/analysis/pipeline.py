@@ -10,11 +10,11 @@ callback call. For each unit it first makes a :class:`~gradflow.analysis.plan.Pl
   on the dense route every step's singular values give σ_max, σ_min and the fraction of σ > 1 at
   every step, and ρ (an eigenvalue decomposition) is computed at the distribution steps. On the top-k
   route σ_max is computed at every step (between distribution steps by Rayleigh–Ritz on a block
-  Krylov basis of at most 32 vectors: a lower bound, exact at small S); there
-  σ_min is not known (NaN), the fraction of σ > 1 is exact where σ_k ≤ 1 (NaN otherwise), and ρ is
+  Krylov basis of at most 32 vectors: a lower bound, exact at small S), σ_min matrix-free
+  (:func:`smallest_singular_values`) at the distribution steps; there
+  the fraction of σ > 1 is exact where σ_k ≤ 1 (NaN otherwise), and ρ is
   not computed (NaN): no matrix-free route gives it reliably for a non-normal J;
-* ``products`` (log-spaced distances, all directions) and ``lyapunov`` (all directions or the top k,
-  as planned);
+* ``products`` (log-spaced distances) and ``lyapunov``: all directions or the top k, as planned;
 * ``gates`` for kinds with gates, and the ``summary`` verdicts.
 
 Jacobian work runs over the first ``batch_limit`` sequences, one chunk of ``plan.chunk`` timesteps
@@ -42,7 +42,7 @@ from .frames import lyapunov_table, products_table, spectra_summary_table, spect
 from .gates import gate_statistics
 from .plan import Plan, plan_unit
 from .products import lyapunov_exponents, product_singular_values
-from .spectra import singular_values, step_summary, top_singular_values
+from .spectra import singular_values, smallest_singular_values, step_summary, top_singular_values
 from .streaming import chunked_linearization
 
 __all__ = ["analyze_trace", "plan_trace", "resolve_device"]
@@ -126,8 +126,9 @@ def _masked_out(lin, bad):
     return replace(lin, coef=coef, mask=keep)
 
 
-def _top(lin, k, bad, **kw) -> torch.Tensor:
-    sv = top_singular_values(_masked_out(lin, bad), k, **kw).to(torch.float64)
+def _top(lin, k, bad, smallest: bool = False, **kw) -> torch.Tensor:
+    fn = smallest_singular_values if smallest else top_singular_values
+    sv = fn(_masked_out(lin, bad), k, **kw).to(torch.float64)
     if bad is not None and bool(bad.any()):
         sv[bad] = math.nan
     return sv
@@ -176,8 +177,10 @@ def _spectra(small: Trace, key, plan: Plan, cfg: AnalysisConfig, device):
             continue
         if len(sel):
             sub = lin.select(sel - a)
-            sv = _top(sub, plan.k, _bad_steps(sub)).cpu()
+            bad = _bad_steps(sub)
+            sv = _top(sub, plan.k, bad).cpu()
             summ["sigma_max"][sel] = sv[..., 0]
+            summ["sigma_min"][sel] = _top(sub, 1, bad, smallest=True)[..., 0].cpu()
             exact = sv[..., -1] <= 1  # every σ > 1 is among the top k
             fr = (sv > 1).to(torch.float64).sum(-1) / S
             summ["frac_gt1"][sel] = torch.where(exact, fr, torch.full_like(fr, math.nan))
@@ -204,7 +207,7 @@ def _rows(sv, key, r, mask, positions) -> pd.DataFrame:
 def _products(small, key, plan: Plan):
     op = chunked_linearization(small, key, chunk=plan.chunk, dtype=torch.float64)
     ds = list(plan.distances)
-    ls = product_singular_values(op, distances=ds, mask=op.step_mask)
+    ls = product_singular_values(op, distances=ds, mask=op.step_mask, k=None if plan.products >= plan.S else plan.products)
     return products_table(ls, key, ds)
 
 

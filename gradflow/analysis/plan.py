@@ -12,10 +12,10 @@ budget of an :class:`~gradflow.analysis.AnalysisConfig`, :func:`plan_unit` choos
   64 sweeps of S vectors through all steps (≈ 6.4·T/S), at least 4 and at most ``spectra_steps``.
   σ_max is computed at every step whatever the route: dense and exact routes factor every step
   (σ_max, σ_min, fraction of σ > 1; ρ at the distribution steps), the top-k route uses a Krylov lower
-  bound from a basis of ≤ 32 vectors between distribution steps (σ_min unknown, ρ not computed);
-* **products** over distance: all S directions (an S-column QR frame; exact per-unit products for a
-  diagonal structure); the **Lyapunov** spectrum: all S directions when S ≤ ``dense_max`` or the
-  structure is diagonal, else the top k;
+  bound from a basis of ≤ 32 vectors between distribution steps, σ_min (matrix-free) at the
+  distribution steps, and does not compute ρ;
+* **products** over distance and the **Lyapunov** spectrum: all S directions when S ≤ ``dense_max``
+  or the structure is diagonal, else the top k (k-column QR frames, matrix-free);
 * the **chunk**: timesteps whose Jacobian work is held in memory at once, the largest that keeps the
   estimated peak within the budget. When not even one step fits, :func:`plan_unit` raises a one-line
   GradflowError naming the unit, S, T, B, the budget and the option that changes it.
@@ -98,7 +98,7 @@ class Plan:
         at = f"at all {T} steps" if n == T else f"at {n} of {T} steps"
         if self.spectra == "top-k":
             sv = (f"top {self.k} of {self.S} singular values {at}, matrix-free; σ_max at every step"
-                  f"{'' if n == T else ' (a Krylov lower bound between them)'}, ρ not computed")
+                  f"{'' if n == T else ' (a Krylov lower bound between them)'}, σ_min at the {n}, ρ not computed")
         elif self.spectra == "exact":
             sv = f"all {self.S} singular values {at}, exact (diagonal Jacobian)"
         else:
@@ -157,7 +157,7 @@ def plan_unit(unit: str, *, S: int, T: int, B: int, structure: str, config: Anal
             n = int(_SWEEPS * T * B * S * S // (B * per))
             steps = distribution_steps(T, max(min(_MIN_STEPS, cfg.spectra_steps), min(n, cfg.spectra_steps)))
     full = route != "top-k"
-    n_prod = S if want_p else 0  # products over distance: every direction (QR of the S-column frame)
+    n_prod = (S if full else min(cfg.k, S)) if want_p else 0
     n_lyap = (S if full else min(cfg.k, S)) if want_l else 0
     # T-independent state of the sweeps: QR frames (products also keep their triangle, lyapunov its R)
     fixed = 0

@@ -79,8 +79,9 @@ def test_chunked_operator_equals_the_whole_linearization(kind, direction, length
 
 @pytest.mark.parametrize("kind,direction,lengths", [("lstm", 0, [9, 6, 9]), ("gru", 1, None), ("rnn_tanh", 0, None)])
 def test_top_k_route_equals_dense_on_its_ranks(kind, direction, lengths):
-    """dense_max=0 forces the matrix-free route: the top k singular values and σ_max at every step
-    equal the dense ones; σ_min and ρ are not claimed (NaN); frac_gt1 only where exact."""
+    """dense_max=0 forces the matrix-free route: the top k singular values, σ_max at every step, σ_min
+    at the distribution steps, the top k product singular values and Lyapunov exponents equal the
+    dense ones; ρ is not claimed (NaN); frac_gt1 only where exact."""
     tr, key = h.make_trace(kind, T=9, B=3, H=4, direction=direction, lengths=lengths, seed=4, scale=2.0)[:2]
     cfg = AnalysisConfig(dense_max=0, k=2, spectra_steps=3, chunk=4, max_rank=50)
     plan = plan_trace(tr, cfg)[str(key)]
@@ -98,8 +99,18 @@ def test_top_k_route_equals_dense_on_its_ranks(kind, direction, lengths):
     want = [(sv[t, mask[t], 0]).mean().item() for t in range(9)]
     np.testing.assert_allclose(ss["sigma_max"], want, rtol=1e-6)  # every step, matrix-free
     assert ss["spectral_radius"].isna().all()
-    assert ss["sigma_min"].isna().all()
-    assert out["lyapunov"]["rank"].tolist() == [1, 2]
+    want_min = [(sv[t, mask[t], -1]).mean().item() if t in plan.steps else math.nan for t in range(9)]
+    np.testing.assert_allclose(ss["sigma_min"], want_min, rtol=1e-6)
+    ds = list(plan.distances)
+    full = products_table(product_spectrum(tr, key, distances=ds), key, ds)
+    top = full[full["rank"] <= 2].sort_values(["distance", "rank"])
+    got = out["products"].sort_values(["distance", "rank"])
+    assert got["rank"].max() == 2
+    np.testing.assert_allclose(got["log10_sigma"], top["log10_sigma"], rtol=1e-6, atol=1e-9)
+    ly = out["lyapunov"]
+    assert ly["rank"].tolist() == [1, 2]
+    ref = lyapunov_table(lyapunov_spectrum(tr, key, k=2), key)
+    np.testing.assert_allclose(ly["exponent"], ref["exponent"], rtol=1e-10)
 
 
 def test_distributions_at_a_subset_of_steps_and_sigma_everywhere():

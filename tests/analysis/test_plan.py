@@ -12,9 +12,9 @@ CASES = [
     ((64, 50, 16, "dense", {}), ("dense", 64, 50, 64, 64)),  # small: everything, every step
     ((128, 500, 16, "dense", {}), ("dense", 128, 25, 128, 128)),  # dense, but T·B SVDs are not cheap: 6.4·T/S
     ((128, 500, 16, "dense", {"spectra_steps": 10}), ("dense", 128, 10, 128, 128)),  # at most spectra_steps
-    ((1024, 500, 16, "dense", {}), ("top-k", 32, 4, 1024, 32)),  # at least 4 steps
-    ((1024, 5000, 16, "dense", {}), ("top-k", 32, 31, 1024, 32)),
-    ((1024, 500, 16, "dense", {"k": 8, "spectra_steps": 2}), ("top-k", 8, 2, 1024, 8)),
+    ((1024, 500, 16, "dense", {}), ("top-k", 32, 4, 32, 32)),  # at least 4 steps
+    ((1024, 5000, 16, "dense", {}), ("top-k", 32, 31, 32, 32)),
+    ((1024, 500, 16, "dense", {"k": 8, "spectra_steps": 2}), ("top-k", 8, 2, 8, 8)),
     ((1024, 500, 16, "dense", {"lyapunov": False, "products": False}), ("top-k", 32, 4, 0, 0)),
     ((1024, 2000, 16, "diagonal", {}), ("exact", 1024, 2000, 1024, 1024)),  # diagonal: exact, all steps
     ((200, 40, 4, "dense", {"dense_max": 256}), ("dense", 200, 4, 200, 200)),  # 160 SVDs of 200² are not cheap
