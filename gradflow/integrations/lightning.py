@@ -27,6 +27,10 @@ The run directory follows :mod:`gradflow.training` (all files written atomically
 * ``gradnorms.csv`` and ``clip_timesteps.csv`` at recorded steps
   (:func:`gradflow.training.gradnorm_rows` / :func:`~gradflow.training.clip_timestep_rows`).
 * ``traces/step_NNNNNNN/`` (``Trace.save``) when ``save_traces=True``.
+* with ``analysis=`` (an :class:`~gradflow.analysis.AnalysisConfig` or mapping; needs
+  ``keep="states"``): when training ends, the analysis tables of the last recorded step
+  (:func:`gradflow.analysis.analyze_trace`: distance, decay, spectra, ..., summary) and, in
+  ``run.json``, ``analysis`` (the config and each unit's plan).
 
 Under a multi-process strategy only global rank 0 records and writes; its tables cover its own
 shard of the batch.
@@ -83,11 +87,19 @@ class GradflowCallback(pl.Callback):
 
     def __init__(self, run_dir: str | Path, schedule: Schedule = Schedule(every=100), keep: str = "norms",
                  modules: Iterable[str] | str | None = None, *, name: str | None = None, label: str | None = None,
-                 save_traces: bool = False, flush_every: int = 25):
+                 save_traces: bool = False, flush_every: int = 25, analysis=None):
         if keep not in ("norms", "full", "states"):
             raise GradflowError(f"GradflowCallback(keep={keep!r}): keep must be one of norms, full, states")
         if not callable(schedule):
             raise GradflowError(f"GradflowCallback(schedule=...): expected a Schedule, got {type(schedule).__name__}")
+        self.analysis = None
+        if analysis is not None:
+            from ..analysis.config import AnalysisConfig
+
+            self.analysis = AnalysisConfig.from_mapping(analysis, where="GradflowCallback(analysis=...)")
+            if keep != "states":
+                raise GradflowError(f"GradflowCallback(analysis=..., keep={keep!r}): the analysis needs keep='states'")
+        self._last_trace = None
         self.run_dir = Path(run_dir)
         self.schedule, self.keep, self.modules = schedule, keep, modules
         self.name = name or self.run_dir.name
@@ -218,6 +230,8 @@ class GradflowCallback(pl.Callback):
             rstep = self._rec_step
             for i, tr in enumerate(self._traces):
                 tr.meta.update({"run": self.label, "step": rstep})
+                if self.analysis is not None:
+                    self._last_trace = tr
                 self._rows["gradnorms"].extend(gradnorm_rows(tr, self.label, rstep))
                 if self._before is not None:
                     self._rows["clip_timesteps"].extend(clip_timestep_rows(tr, self.label, rstep, before, after))
@@ -246,7 +260,22 @@ class GradflowCallback(pl.Callback):
         self._doc["result"] = {"steps_done": int(trainer.global_step)}
         self._dirty.update(_TABLES)
         self._flush()
+        if status in ("finished", "diverged") and self._last_trace is not None:
+            self._analyse(self._last_trace)
         self._write_json()
+
+    def _analyse(self, trace) -> None:
+        """The analysis tables of ``trace`` (the last recorded step) and its plans into the run directory."""
+        from ..analysis.pipeline import analyze_trace, plan_trace
+
+        cfg = self.analysis if self.analysis.per_step_loss is not None else self.analysis.replace(per_step_loss=False)
+        plans = plan_trace(trace, cfg)
+        for name, df in analyze_trace(trace, cfg, plans=plans).items():
+            df = df.copy()
+            df.insert(0, "run", self.label)
+            _io.write_csv(self.run_dir / f"{name}.csv", df)
+        self._doc["analysis"] = {"config": cfg.to_dict(), "step": trace.meta.get("step"),
+                                 "plans": [p.to_json() for p in plans.values()]}
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._finish(trainer, "finished")

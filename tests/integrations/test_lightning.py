@@ -98,3 +98,30 @@ def test_callback_exits_recording_on_exception(tmp_path):
     assert doc["status"] == "failed" and "boom" in doc["error"]
     assert sorted(pd.read_csv(tmp_path / "run" / "gradnorms.csv")["step"].unique()) == [0]
     assert len(pd.read_csv(tmp_path / "run" / "metrics.csv")) == 2
+
+
+def test_callback_analyses_the_last_recorded_step(tmp_path):
+    """analysis=: the tables of the last recorded trace, equal to analyze_trace of that same trace."""
+    from gradflow.analysis import AnalysisConfig, analyze_trace
+
+    model = Seq()
+    cfg = AnalysisConfig(warmup=1, max_rank=4)
+    got = {}
+    cb = GradflowCallback(tmp_path / "run", schedule=Schedule(every=2), keep="states", analysis=cfg)
+    orig = cb._analyse
+    cb._analyse = lambda tr: (got.setdefault("trace", tr), orig(tr))
+    _trainer(cb).fit(model, _loader())
+    run = tmp_path / "run"
+    doc = json.loads((run / "run.json").read_text())
+    assert doc["analysis"]["step"] == 4 and doc["analysis"]["config"]["max_rank"] == 4
+    assert [p["unit"] for p in doc["analysis"]["plans"]] == ["rnn/l0/d0/h", "rnn/l1/d0/h"]
+    ref = analyze_trace(got["trace"], cfg.replace(per_step_loss=False))
+    for name in ("distance", "spectra", "lyapunov", "summary"):
+        df = pd.read_csv(run / f"{name}.csv")
+        assert (df["run"] == "run").all() and len(df) == len(ref[name])
+    sp = pd.read_csv(run / "spectra.csv")
+    assert sp["sigma"].to_numpy() == pytest.approx(ref["spectra"]["sigma"].to_numpy(), rel=1e-6)
+    with pytest.raises(gradflow.GradflowError, match=r"needs keep='states'"):
+        GradflowCallback(tmp_path / "x", keep="norms", analysis=cfg)
+    with pytest.raises(gradflow.SpecError, match=r"GradflowCallback\(analysis=...\) k must be an integer >= 1"):
+        GradflowCallback(tmp_path / "x", keep="states", analysis={"k": 0})
