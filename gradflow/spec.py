@@ -183,6 +183,8 @@ def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str
     task = doc.get("task")
     if task is None:
         raise SpecError(f"{source}: missing [task] table (with at least name = \"...\")")
+    if not isinstance(task, Mapping):
+        raise SpecError(f"{source}: [task] must be a table, got {type(task).__name__}")
     _check_keys(task, set(task) | {"name"}, source, "task")
     if "name" not in task:
         raise SpecError(f"{source}: [task] needs name = one of {', '.join(list_tasks())}")
