@@ -51,7 +51,7 @@ class FusedCall:
 
 @dataclass
 class CellCall:
-    """One timestep of a cell module called in a Python loop."""
+    """One timestep of a cell module called in a Python loop: step ``t`` of the cell's loop ``loop``."""
 
     path: str
     t: int
@@ -65,6 +65,8 @@ class CellCall:
     step: Callable | None = None
     handles: list = field(default_factory=list)
     spec: Any = None  # the CellSpec that read this call
+    loop: int = 0  # which loop over the cell since the previous backward pass (Recorder._cell_loop)
+    dtype_device: tuple = (torch.float32, torch.device("cpu"))  # of the states (for steps no gradient reached)
 
 
 def recordable(*tensors) -> bool:

@@ -217,7 +217,9 @@ def make_forward_hook(recorder, path: str, module: nn.Module, spec: CellSpec):
         x, prev = spec.get_input(args, kwargs)
         in_size = int(x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() else 0
         info = spec.info(mod, sizes, in_size)
-        call = CellCall(path=path, t=recorder._next_step(path), cell=info, slots={}, shapes=shapes, spec=spec)
+        loop, t = recorder._cell_loop(path, prev, shapes, aliases)
+        call = CellCall(path=path, t=t, cell=info, slots={}, shapes=shapes, spec=spec, loop=loop,
+                        dtype_device=(states[0].dtype, states[0].device))
         if recorder.keep == "states":
             def flat(v):
                 return v.detach().reshape(1, -1) if unbatched else v.detach()

@@ -15,7 +15,7 @@ every call the pass reached. A trace covers the forward calls since the previous
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Callable, Iterable
 
 import torch
@@ -30,6 +30,8 @@ from .calls import CellCall, FusedCall
 from .cells import nearest
 
 KEEPS = ("norms", "full", "states")
+_LOOP_TAG = "gradflow.loop"  # key of the loop tag in autograd nodes' metadata (Recorder._cell_loop)
+_LOOP_WALK = 64  # autograd nodes searched from a cell's state argument for the loop it continues
 
 
 def _graph_task_id() -> int:
@@ -74,8 +76,10 @@ class Recorder:
         self._workspace: _kernels.Workspace | None = None  # buffers reused while the context is open
         self._handles: list = []
         self._reset_pass()
-        self._steps: dict[str, int] = defaultdict(int)
         self._calls: dict[str, int] = defaultdict(int)
+        self._loops: dict[str, list[list]] = defaultdict(list)  # path -> [steps so far, state shapes] per loop
+        self._token = object()  # marks this recorder's loop tags on autograd nodes
+        self._generation = 0  # loop tags of earlier passes are stale
         self._pending: list = []
 
     # ------------------------------------------------------------------ selection
@@ -151,16 +155,51 @@ class Recorder:
             for h in getattr(call, "handles", ()):
                 h.remove()
         self._pending.clear()
+        self._loops.clear()
+        self._generation += 1
 
     # ------------------------------------------------------------------ bookkeeping (hot path)
     def _reset_pass(self) -> None:
         self._reached_calls: dict[int, object] = {}
         self._queued = None  # graph-task id of the backward pass whose end callback is queued
 
-    def _next_step(self, path: str) -> int:
-        t = self._steps[path]
-        self._steps[path] = t + 1
-        return t
+    def _cell_loop(self, path: str, prev, shapes: dict, aliases) -> tuple[int, int]:
+        """(loop, step) of a cell call: a call continues the loop whose output its state argument was
+        computed from (the same tensor, or through a few ops: scaling, dropout, a slice, ...) when the
+        state shapes are the loop's; otherwise (no state, a fresh or detached one, another batch size)
+        it starts a new loop. Loops are told apart by a tag on the autograd nodes of their outputs."""
+        loops = self._loops[path]
+        shape = tuple(shapes.items())
+        idx = self._loop_of(path, prev)
+        if idx is None or loops[idx][1] != shape:
+            idx = len(loops)
+            loops.append([0, shape])
+        t = loops[idx][0]
+        loops[idx][0] = t + 1
+        tag = (self._token, self._generation, path, idx)
+        for a in aliases:
+            if a.grad_fn is not None:
+                a.grad_fn.metadata[_LOOP_TAG] = tag
+        return idx, t
+
+    def _loop_of(self, path: str, prev) -> int | None:
+        """The loop of this pass whose tagged output ``prev`` descends from, within _LOOP_WALK autograd nodes."""
+        if not prev or not self._loops[path]:
+            return None
+        frontier = deque(p.grad_fn for p in prev if isinstance(p, torch.Tensor) and p.grad_fn is not None)
+        visited = list(frontier)  # held, so that node ids stay unique during the walk
+        seen = {id(n) for n in visited}
+        while frontier and len(visited) <= _LOOP_WALK:
+            node = frontier.popleft()
+            tag = node.metadata.get(_LOOP_TAG)
+            if tag is not None and tag[0] is self._token and tag[1] == self._generation and tag[2] == path:
+                return tag[3]
+            for nxt, _ in node.next_functions:
+                if nxt is not None and id(nxt) not in seen:
+                    seen.add(id(nxt))
+                    visited.append(nxt)
+                    frontier.append(nxt)
+        return None
 
     def _next_call(self, path: str) -> int:
         c = self._calls[path]
@@ -184,14 +223,18 @@ class Recorder:
         reached = list(self._reached_calls.values())
         pending = self._pending
         self._reset_pass()
-        self._steps.clear()
         self._calls.clear()
+        self._loops.clear()
+        self._generation += 1
         self._pending = []
         if not self._active or not reached:
             return
-        cell_paths = {c.path for c in reached if isinstance(c, CellCall)}
+        # a loop this pass reached is recorded whole (its steps the pass did not reach have zero gradient);
+        # loops it did not reach (forwards never backpropagated) are dropped
+        cell_loops = {(c.path, c.loop) for c in reached if isinstance(c, CellCall)}
         seen = {id(c) for c in reached}
-        calls = reached + [c for c in pending if isinstance(c, CellCall) and c.path in cell_paths and id(c) not in seen]
+        calls = reached + [c for c in pending
+                           if isinstance(c, CellCall) and (c.path, c.loop) in cell_loops and id(c) not in seen]
         order = list(dict.fromkeys(c.path for c in reached))  # modules in the order backward reached them
         trace = _assemble(calls, self.keep, meta={"pass": len(self.traces), "backward_order": order})
         if self.keep_traces:
@@ -306,16 +349,19 @@ def _assemble(calls: list, keep: str, meta: dict) -> Trace:
         seen[c.path] = idx + 1
         for rec in c.units:
             rec.unit = rec.unit[:3] + (idx,)
-    cell_calls: dict[str, list[CellCall]] = defaultdict(list)
+    cell_calls: dict[tuple, list[CellCall]] = defaultdict(list)
     for c in calls:
         if isinstance(c, CellCall):
-            cell_calls[c.path].append(c)
+            cell_calls[(c.path, c.loop)].append(c)
     for call in fused:
         for rec in call.units:
             _add_fused_unit(trace, rec, keep)
-    for path, steps in sorted(cell_calls.items()):
-        _add_cell_unit(trace, path, sorted(steps, key=lambda c: c.t), keep)
-    order = {p: i for i, p in enumerate(dict.fromkeys([c.path for c in fused] + sorted(cell_calls)))}
+    seen.clear()  # number the loops of each cell among those this backward pass reached, in loop order
+    for (path, _), steps in sorted(cell_calls.items()):
+        idx = seen[path]
+        seen[path] = idx + 1
+        _add_cell_unit(trace, path, idx, sorted(steps, key=lambda c: c.t), keep)
+    order = {p: i for i, p in enumerate(dict.fromkeys([c.path for c in fused] + sorted(p for p, _ in cell_calls)))}
     trace.order_keys(lambda k: (order.get(k.module, 0), k.call, k.layer, k.direction, k.state != "h"))
     return trace
 
@@ -352,19 +398,13 @@ def _add_fused_unit(trace: Trace, rec, keep: str) -> None:
         trace.add_state(key, reorder(g), **kw)
 
 
-def _add_cell_unit(trace: Trace, path: str, steps: list[CellCall], keep: str) -> None:
-    """``steps``: every call of the cell since the previous backward pass, in call order (t = 0..T-1);
-    calls this pass did not reach carry zero gradient."""
+def _add_cell_unit(trace: Trace, path: str, call: int, steps: list[CellCall], keep: str) -> None:
+    """``steps``: every step of one loop over the cell (one state shape), in step order (t = 0..T-1);
+    steps this pass did not reach carry zero gradient. The loop is the key's ``call``."""
     first = steps[0]
-    shapes = {tuple(s.shapes[first.cell.states[0]]) for s in steps}
-    if len(shapes) > 1:
-        raise GradflowError(
-            f"module '{path}': cell called with different state shapes {sorted(shapes)} within one backward pass; "
-            "gradflow records a cell loop with a fixed batch size"
-        )
     T = len(steps)
-    B = next(iter(shapes))[0]
-    unit = (path, 0, 0, 0)
+    B = first.shapes[first.cell.states[0]][0]
+    unit = (path, 0, 0, call)
     states_kept = keep == "states"
     inputs = params = None
     if states_kept:
@@ -377,10 +417,10 @@ def _add_cell_unit(trace: Trace, path: str, steps: list[CellCall], keep: str) ->
     for name in first.cell.states:
         shape = (B, first.shapes[name][-1])
         slots = [s.slots.get(name) for s in steps]
-        dtype, device = _dtype_device(slots, (torch.float32, torch.device("cpu")))
+        dtype, device = _dtype_device(slots, first.dtype_device)
         g = _stack_slots([x.reshape(shape) if x is not None else None for x in slots], shape, dtype, device)
         kw = {}
         if states_kept:
             kw = {"state": torch.stack([s.states[name] for s in steps]),
                   "prev": torch.stack([s.prev[name] for s in steps])}
-        trace.add_state(StateKey(path, 0, 0, name, 0), g, **kw)
+        trace.add_state(StateKey(path, 0, 0, name, call), g, **kw)

@@ -319,3 +319,165 @@ def test_a_failed_attach_leaves_the_model_plain_and_the_outer_recorder_working()
         m(x).sum().backward()
         assert len(outer.trace.keys()) == 9
     assert_plain(m, before)
+
+
+# ---------------------------------------------------------------------- item 10: cell loops are calls
+@dataclasses.dataclass(frozen=True)
+class LoopCase:
+    """Loops over one cell in one backward pass: ``loops`` is a list of (T, B); ``interleave`` runs them
+    in lockstep; ``between`` transforms the state between steps (it stays one loop); ``shrink`` gives
+    the batch size of each step of one loop (a smaller batch continues from h[:b])."""
+
+    name: str
+    kind: str = "lstm"
+    loops: tuple = ((3, 2), (5, 2))
+    interleave: bool = False
+    between: str = ""
+    shrink: tuple = ()
+
+
+def _cell(kind):
+    torch.manual_seed(0)
+    return {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](3, 4).double()
+
+
+class Loops(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.cell = _cell(kind)
+
+    def step(self, x, s, probe, name, t):
+        s = self.cell(x, s)
+        tup = s if isinstance(s, tuple) else (s,)
+        if probe is not None:
+            tup = probe(name, t, tup)
+        return tup if self.kind == "lstm" else tup[0]
+
+    def forward(self, case: LoopCase, xs, ws, probe=None):
+        """Σ over loops and steps of <w, h_t>; loop i is probed as 'loop{i}' (segment j of a shrinking loop
+        as 'seg{j}')."""
+        loss = 0.0
+        h = lambda s: s[0] if isinstance(s, tuple) else s  # noqa: E731
+        if case.shrink:
+            x, w = xs[0], ws[0]
+            s, seg, t0, b_prev = None, -1, 0, None
+            for t, b in enumerate(case.shrink):
+                if b != b_prev:
+                    seg, t0, b_prev = seg + 1, t, b
+                    if s is not None:
+                        s = tuple(v[:b] for v in s) if isinstance(s, tuple) else s[:b]
+                s = self.step(x[t, :b], s, probe, f"seg{seg}", t - t0)
+                loss = loss + (w[t, :b] * h(s)).sum()
+            return loss
+        states = [None] * len(xs)
+        order = ([(t, i) for t in range(max(x.shape[0] for x in xs)) for i in range(len(xs)) if t < xs[i].shape[0]]
+                 if case.interleave else [(t, i) for i in range(len(xs)) for t in range(xs[i].shape[0])])
+        for t, i in order:
+            s = self.step(xs[i][t], states[i], probe, f"loop{i}", t)
+            loss = loss + (ws[i][t] * h(s)).sum()
+            if case.between == "scale":
+                s = tuple(0.9 * v for v in s) if isinstance(s, tuple) else 0.9 * s
+            elif case.between == "clone":
+                s = tuple(v.clone() for v in s) if isinstance(s, tuple) else s.clone()
+            states[i] = s
+        return loss
+
+
+LOOPS = [
+    LoopCase("two-loops-lstm"),
+    LoopCase("two-loops-gru", kind="gru", loops=((4, 2), (2, 2))),
+    LoopCase("batch-sizes", loops=((3, 2), (4, 3))),
+    LoopCase("three-loops-rnn", kind="rnn", loops=((2, 1), (3, 4), (2, 2))),
+    LoopCase("interleaved", loops=((4, 2), (3, 3)), interleave=True),
+    LoopCase("state-scaled-between-steps", loops=((4, 2),), between="scale"),
+    LoopCase("state-cloned-between-steps", kind="gru", loops=((3, 2), (2, 2)), between="clone"),
+    LoopCase("batch-shrinks", loops=((5, 3),), shrink=(3, 3, 2, 2, 1)),
+]
+
+
+def _data(case):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(T, B, 3, generator=g, dtype=torch.float64) for T, B in case.loops]
+    ws = [torch.randn(T, B, 4, generator=g, dtype=torch.float64) for T, B in case.loops]
+    return xs, ws
+
+
+@pytest.mark.parametrize("case", LOOPS, ids=lambda c: c.name)
+def test_each_cell_loop_is_its_own_call(case):
+    """Call i of the cell is loop i (or fixed-batch segment i), with its own T and B, equal to the probe
+    reference; nothing raises inside backward."""
+    m = Loops(case.kind)
+    xs, ws = _data(case)
+    pr = Probes()
+    ref = pr.grads(m(case, xs, ws, probe=pr))
+    with gradflow.record(m, keep="full") as rec:
+        m(case, xs, ws).backward()
+    states = ("h", "c") if case.kind == "lstm" else ("h",)
+    names = sorted({p for p, _ in ref}, key=lambda p: int(p[4:] if p.startswith("loop") else p[3:]))
+    assert rec.trace.keys() == [StateKey("cell", state=s, call=i) for i in range(len(names)) for s in states]
+    for i, name in enumerate(names):
+        for s in states:
+            key = StateKey("cell", state=s, call=i)
+            torch.testing.assert_close(rec.trace.grad(key), ref[(name, s)], rtol=1e-10, atol=1e-12, msg=str(key))
+
+
+def test_unused_forward_leaves_nothing_behind():
+    """A grad-enabled loop never backpropagated is not part of the next backward's trace (and not kept alive)."""
+    case = LoopCase("one", loops=((4, 2),))
+    m = Loops("lstm")
+    xs, ws = _data(case)
+    with gradflow.record(m, keep="full") as rec:
+        unused = m(case, [torch.randn(6, 2, 3, dtype=torch.float64)], [torch.randn(6, 2, 4, dtype=torch.float64)])
+        probe = weakref.ref(unused)
+        del unused
+        gc.collect()
+        assert probe() is None
+        m(case, xs, ws).backward()
+        trace = rec.trace
+    pr = Probes()
+    ref = pr.grads(m(case, xs, ws, probe=pr))
+    assert trace.keys() == [StateKey("cell", state="h"), StateKey("cell", state="c")]
+    torch.testing.assert_close(trace.grad(StateKey("cell", state="h")), ref[("loop0", "h")], rtol=1e-10, atol=1e-12)
+
+
+def test_steps_of_a_reached_loop_after_its_last_loss_term_are_zero():
+    """The loop's later steps do not reach the loss: they are part of the call, with zero gradient."""
+    cell = _cell("gru")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with gradflow.record(cell, keep="full") as rec:
+        h, hs = None, []
+        for t in range(5):
+            h = cell(x[t], h)
+            hs.append(h)
+        hs[2].sum().backward()
+    g = rec.trace.grad(StateKey("", state="h"))
+    assert g.shape == (5, 2, 4)
+    assert torch.all(g[3:] == 0) and torch.all(g[2] == 1) and torch.all(g[:2] != 0)
+
+
+def test_error_mid_loop_leaves_the_model_plain_and_a_new_recorder_starts_its_own_loops():
+    """Loop tags live on the autograd nodes, not in hooks: a loop left by a recorder that exited on an error
+    does not continue in the next recorder, and nothing of the first is left on the model."""
+    m = Loops("lstm")
+    before = snapshot(m)
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+
+    class Boom(Exception):
+        pass
+
+    s = None
+    with pytest.raises(Boom):
+        with gradflow.record(m):
+            for t in range(2):
+                s = m.cell(x[t], s)
+            raise Boom
+    assert_plain(m, before)
+    with gradflow.record(m, keep="full") as rec:
+        s2 = s
+        for t in range(2, 4):
+            s2 = m.cell(x[t], s2)
+        s2[0].sum().backward()
+    assert rec.trace.keys() == [StateKey("cell", state="h"), StateKey("cell", state="c")]
+    assert rec.trace.shape(StateKey("cell", state="h")) == (2, 2)
+    assert_plain(m, before)
