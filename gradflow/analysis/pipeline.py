@@ -204,17 +204,18 @@ def _rows(sv, key, r, mask, positions) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------- products, Lyapunov
-def _products(small, key, plan: Plan):
+def _products(small, key, plan: Plan, device):
     op = chunked_linearization(small, key, chunk=plan.chunk, dtype=torch.float64)
     ds = list(plan.distances)
-    ls = product_singular_values(op, distances=ds, mask=op.step_mask, k=None if plan.products >= plan.S else plan.products)
+    ls = product_singular_values(op, distances=ds, mask=op.step_mask, k=None if plan.products >= plan.S else plan.products,
+                                 device=device)
     return products_table(ls, key, ds)
 
 
-def _lyapunov(small, key, plan: Plan, warmup: int):
+def _lyapunov(small, key, plan: Plan, warmup: int, device):
     op = chunked_linearization(small, key, chunk=plan.chunk, dtype=torch.float64)
     res = lyapunov_exponents(op, warmup=warmup, k=None if plan.lyapunov >= plan.S else plan.lyapunov,
-                             mask=op.step_mask)
+                             mask=op.step_mask, device=device)
     return lyapunov_table(res, key)
 
 
@@ -258,9 +259,9 @@ def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, 
             summ = spectra_summary_table(st, k, mask=small.mask(k))
             tabs.update(spectra=spectra, spectra_summary=summ)
             if plan.products:
-                tabs["products"] = _products(small, k, plan)
+                tabs["products"] = _products(small, k, plan, device)
             if plan.lyapunov:
-                lyap = _lyapunov(small, k, plan, warmup)
+                lyap = _lyapunov(small, k, plan, warmup, device)
                 tabs["lyapunov"] = lyap
             if kinds.get(trace.cell(k).kind).gates:
                 tabs["gates"] = gate_statistics(trace, k, classes=classes)

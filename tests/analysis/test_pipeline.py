@@ -150,3 +150,19 @@ def test_nonfinite_steps_are_located_on_the_matrix_free_route():
     sp = out["spectra"]
     assert sp[(sp.t == 3) & (sp.b == 1)]["sigma"].isna().all()
     assert sp[(sp.t != 3) | (sp.b != 1)]["sigma"].notna().all()
+
+
+def test_device_choice():
+    from gradflow.analysis import resolve_device
+    from gradflow.errors import GradflowError
+
+    tr, key = h.make_trace("gru", T=5, B=2, H=3)[:2]
+    assert resolve_device(tr, AnalysisConfig()).type == "cpu"  # recorded on the CPU (or no record of it)
+    tr.meta["device"] = "cuda:0"
+    assert resolve_device(tr, AnalysisConfig()).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    a = analyze_trace(tr, AnalysisConfig(device="cpu"))["spectra"]
+    b = analyze_trace(tr, AnalysisConfig())["spectra"]
+    pd.testing.assert_frame_equal(a, b)
+    if not torch.cuda.is_available():
+        with pytest.raises(GradflowError, match=r"^analysis device='cuda': CUDA is not available here"):
+            analyze_trace(tr, AnalysisConfig(device="cuda"))
