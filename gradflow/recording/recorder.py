@@ -27,6 +27,7 @@ from ..trace import StateKey, Trace
 from . import adapters as _adapters
 from . import kernels as _kernels
 from .calls import CellCall, FusedCall
+from .copying import PlainState, hook_keys
 from .cells import nearest
 
 KEEPS = ("norms", "full", "states")
@@ -65,7 +66,8 @@ class Recorder:
         if keep not in KEEPS:
             raise GradflowError(f"record(keep={keep!r}): keep must be one of {', '.join(KEEPS)}")
         if callback is not None and not callable(callback):
-            raise GradflowError(f"record(callback=...): expected a callable taking a Trace, got {type(callback).__name__}")
+            raise GradflowError(
+                f"record(callback=...): expected a callable taking a Trace, got {type(callback).__name__}")
         self.model = model
         self.keep = keep
         self.callback = callback
@@ -131,10 +133,10 @@ class Recorder:
     def __enter__(self) -> "Recorder":
         try:
             for path, m, adapter in self._targets:
-                before = _hook_keys(m)
+                before = hook_keys(m)
                 forward = m.__dict__.get("forward")
                 self._handles.extend(adapter.attach(self, path, m))
-                self._handles.append(_PlainState(m, before, forward))
+                self._handles.append(PlainState(m, before, forward))
             self._workspace = _kernels.Workspace()
             self._active = True
         except BaseException:
@@ -254,58 +256,6 @@ class Recorder:
 def _short(value, n: int = 40) -> str:
     r = repr(value)
     return r if len(r) <= n else r[: n - 3] + "..."
-
-
-def _hook_keys(module: nn.Module) -> dict[str, set]:
-    """The keys of every hook table of ``module`` (torch's ``_forward_hooks``, ``_forward_pre_hooks`` ...)."""
-    return {k: set(v) for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)}
-
-
-class _PlainState:
-    """Makes ``copy.deepcopy``, ``pickle`` and ``torch.save`` of a recorded module give the plain module.
-
-    Installs an instance ``__getstate__`` (pickle and deepcopy look it up on the instance) returning the
-    class's state without what gradflow added on attach: the instance ``forward`` and the hooks (the
-    copy would otherwise run the *original* module's recorded forward, or fail to pickle the closures).
-    Recorders attached to one module at once chain their ``__getstate__``; ``remove()`` puts back the
-    one it replaced (or none)."""
-
-    def __init__(self, module: nn.Module, before: dict[str, set], forward):
-        self.module = module
-        after = _hook_keys(module)
-        added = {k: keys - before.get(k, set()) for k, keys in after.items()}
-        self.added = {k: keys for k, keys in added.items() if keys}
-        self.forward = module.__dict__.get("forward")
-        if self.forward is forward:
-            self.forward = None
-        self.removed = False
-        self.prev = module.__dict__.get("__getstate__")
-        module.__dict__["__getstate__"] = self._getstate
-
-    def _getstate(self) -> dict:
-        m = self.module
-        state = dict(self.prev() if self.prev is not None else type(m).__getstate__(m))
-        state.pop("__getstate__", None)
-        if self.forward is not None and state.get("forward") is self.forward:
-            del state["forward"]
-        for name, keys in self.added.items():
-            table = state.get(name)
-            if isinstance(table, dict):
-                state[name] = type(table)((k, v) for k, v in table.items() if k not in keys)
-        return state
-
-    def remove(self) -> None:
-        self.removed = True
-        d = self.module.__dict__
-        if getattr(d.get("__getstate__"), "__self__", None) is not self:
-            return  # a later recorder's __getstate__ is on top; it skips this one when removed
-        prev = self.prev
-        while prev is not None and getattr(getattr(prev, "__self__", None), "removed", False):
-            prev = prev.__self__.prev
-        if prev is None:
-            del d["__getstate__"]
-        else:
-            d["__getstate__"] = prev
 
 
 def record(model: nn.Module, keep: str = "norms", modules: Iterable | str | nn.Module | None = None, *,

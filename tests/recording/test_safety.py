@@ -29,7 +29,8 @@ from tests.recording.test_lifecycle import assert_clean, global_hooks, snapshot
 def _penalty_grads(m, x, loss_kind, how):
     """A gradient-penalty step: L + Σ_p ||dL/dp||², its parameter gradients left in .grad."""
     out = m(x)[0]
-    loss = out.sum() if loss_kind == "constant" else (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).pow(2).sum()
+    scale = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)
+    loss = out.sum() if loss_kind == "constant" else (out * scale).pow(2).sum()
     params = [p for p in m.parameters()]
     if how == "grad":
         gs = torch.autograd.grad(loss, params, create_graph=True)
