@@ -10,6 +10,15 @@ import click
 from ._common import one_line_errors, quiet_option, say
 
 
+def _done_ignore_sigint() -> None:
+    """The command's results are written and its exit status is final: a SIGINT while the
+    interpreter shuts down (torch's teardown takes seconds) must not turn it into a failure."""
+    import atexit
+    import signal
+
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+
+
 @click.command("sweep")
 @click.argument("spec")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -81,6 +90,7 @@ def command(spec: str, out: Path | None, engine: str, workers: int | None, addre
         written = build_report([out], html=d / "index.html", pdf=d / "report.pdf", title=s.study.title)
         for p in written.values():
             click.echo(str(p))
+    _done_ignore_sigint()
     bad = incomplete(res.table)  # the exit status says what sweep.csv says
     if bad:
         first = next((o for o in res.outcomes if o.label == bad[0]), None)
