@@ -167,8 +167,26 @@ def _merge(*ds: Mapping | None) -> dict:
     return out
 
 
-def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str = "study") -> StudySpec:
-    """Validate a parsed TOML document (see the module docstring). Raises SpecError naming ``source``."""
+def parse_spec(doc: Mapping[str, Any], source: str = "<spec>", default_name: str = "study", *,
+               from_sweep: bool = False) -> StudySpec:
+    """Validate a parsed TOML document (see the module docstring). Raises SpecError naming ``source``.
+    ``from_sweep``: the runs were expanded from a sweep's axes (:func:`gradflow.sweep.expand_sweep`), so
+    an error names the run by its label under ``[sweep]`` instead of a ``[[runs]]`` table the file lacks."""
+    if not from_sweep:
+        return _parse_spec(doc, source, default_name)
+    try:
+        return _parse_spec(doc, source, default_name)
+    except SpecError as exc:
+        msg = str(exc)
+        m = re.match(re.escape(source) + r": \[runs\.(\d+)(?:\.([\w.]+))?\]", msg)
+        if not m:
+            raise
+        label = doc["runs"][int(m[1])].get("label")
+        head = f"{source}: [sweep] run {label!r}" + (f" [{m[2]}]" if m[2] else ":")
+        raise SpecError(head + msg[m.end():]) from None
+
+
+def _parse_spec(doc: Mapping[str, Any], source: str, default_name: str) -> StudySpec:
     from .models import list_cells
     from .tasks import list_tasks
 

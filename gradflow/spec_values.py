@@ -4,7 +4,8 @@ before anything is built, trained or written.
 Each check turns a bad value into one :class:`~gradflow.errors.SpecError` line naming the file, the
 table and the key (``analyses/x.toml: [train] lr must be a positive finite number, got true``).
 Booleans are never numbers, NaN and ±Inf are never accepted, and sizes are bounded (``hidden`` ≤
-65536, ``layers`` ≤ 1024, at most 10⁹ parameters ...) so that a typo cannot make parsing or the first
+65536, ``layers`` ≤ 1024, at most 10⁹ parameters ...; ``device`` by its form, since the run may
+execute elsewhere) so that a typo cannot make parsing or the first
 step hang or exhaust memory. Nothing large is built here: the model is checked from its settings
 (:func:`check_run`), and the state keys an ``[analysis] keys`` list may name are read from a copy of
 the model with two hidden units run on two timesteps (:func:`model_state_keys`).
@@ -86,25 +87,10 @@ def _inits() -> tuple:
 
 
 def _device(v):
-    what = '"cpu", "cuda", "cuda:N" or "mps", available on this machine'
-    if not isinstance(v, str):
-        raise _Bad(what)
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", v)
-    if not m or (m[1] == "cpu" and m[2]):
-        raise _Bad(what)
-    if m[1] == "cpu":
-        return v
-    import torch
-
-    if m[1] == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise _Bad(what + " (this machine has no CUDA device)")
-        if m[2] is not None and int(m[2]) >= n:
-            raise _Bad(what + f" (this machine has {n} CUDA device(s): cuda:0 .. cuda:{n - 1})")
-        return v
-    if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise _Bad(what + " (MPS is not available here)")
+    """The form only: whether the device exists is checked where the run executes (a sweep's runs may
+    execute on other machines than the one that parses the spec, e.g. Ray workers with GPUs)."""
+    if not isinstance(v, str) or not re.fullmatch(r"cpu|(cuda|mps)(:\d+)?", v):
+        raise _Bad('"cpu", "cuda", "cuda:N", "mps" or "mps:N"')
     return v
 
 

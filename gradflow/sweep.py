@@ -197,7 +197,7 @@ def expand_sweep(doc: Mapping[str, Any], source: str = "<sweep>", default_name: 
     study_doc = {k: v for k, v in doc.items() if k != "sweep"}
     study_doc["runs"] = runs
     check_run_dirs([r["label"] for r in runs], source)  # before anything is built
-    study = parse_spec(study_doc, source, default_name=default_name)
+    study = parse_spec(study_doc, source, default_name=default_name, from_sweep=True)
     return SweepSpec(study, tuple(axes), tuple(points))
 
 

@@ -37,7 +37,8 @@ BAD = [
     ("train", "optimizer", 3, "optimizer"),
     ("train", "device", "bogus", "device"),
     ("train", "device", 0, "device"),
-    ("train", "device", "cuda:99", "device"),
+    ("train", "device", "cuda:", "device"),
+    ("train", "device", "cpu:0", "device"),
     ("train", "record_every", -1, "record_every"),
     ("train", "record_every", True, "record_every"),
     ("train", "record_per_decade", -2, "record_per_decade"),
@@ -136,6 +137,7 @@ GOOD = [
     ("train", "clip", {"mode": "none"}),
     ("train", "clip", {"mode": "norm", "threshold": 1}),
     ("train", "device", "cpu"),
+    ("train", "device", "cuda:99"),  # by its form only: a sweep's runs may execute on other machines
     ("model", "forget_bias", 1.0),
     ("model", "layers", 2),
     ("model", "dropout", 0.25),
@@ -169,3 +171,19 @@ def test_keys_are_checked_per_run():
         parse_spec(doc, source="bad.toml")
     doc["analysis"] = {"keys": ["rnn/l0/d0/h"]}
     parse_spec(doc, source="ok.toml")
+
+
+@pytest.mark.parametrize("axes,text", [
+    ({"cell": ["lstm"], "hidden": [True]}, "[sweep] run 'lstm hidden=true' [model] hidden must be"),
+    ({"cell": ["lstm"], "train.lr": [float("nan")]}, "[sweep] run 'lstm lr=nan' [train] lr must be"),
+    ({"cell": ["lstm"], "task.T": [4, 2**40]}, "T must be an integer"),
+])
+def test_sweep_values_name_the_run_by_its_label(axes, text):
+    """A sweep file has no [[runs]] tables: its errors name the expanded run by label under [sweep]."""
+    from gradflow.sweep import expand_sweep
+
+    doc = {k: v for k, v in copy.deepcopy(BASE).items() if k != "runs"}
+    with pytest.raises(SpecError) as e:
+        expand_sweep({**doc, "sweep": axes}, "s.toml")
+    msg = str(e.value)
+    assert msg.startswith("s.toml: ") and text in msg and "runs." not in msg, msg
