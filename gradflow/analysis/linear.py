@@ -179,12 +179,13 @@ class Linearization:
         """All J_t as one tensor [T, B, S, S]; built in chunks of ``chunk`` steps (memory bound
         ≈ chunk·B·S² temporaries). Masked steps are the identity."""
         T, B, S = self.shape
-        out = torch.empty(T, B, S, S, dtype=self.dtype)
+        ref = self.x if self.step is not None else next(iter(self.coef.values()))
+        out = torch.empty(T, B, S, S, dtype=self.dtype, device=ref.device)
         chunk = chunk or max(1, (1 << 22) // max(1, B * S * S))
         for a in range(0, T, chunk):
             self.impl.dense(self.select(slice(a, a + chunk)), out[a:a + chunk])
         if self.mask is not None and not bool(self.mask.all()):
-            out[~self.mask] = torch.eye(S, dtype=self.dtype)
+            out[~self.mask] = torch.eye(S, dtype=self.dtype, device=out.device)
         return out
 
 

@@ -272,15 +272,15 @@ class LSTMKind(GatedKind):
         if transpose:
             um = R[..., :P] @ Wr if Wr is not None else R[..., :P]
             uc = torch.addcmul(R[..., P:], c["k_c"], um)
-            ga = torch.empty(*lead, 4, H, dtype=R.dtype)
+            ga = torch.empty(*lead, 4, H, dtype=R.dtype, device=R.device)
             torch.mul(k4[..., :3, :], uc.unsqueeze(-2), out=ga[..., :3, :])
             torch.mul(k4[..., 3, :], um, out=ga[..., 3, :])
-            out = torch.empty(*lead, R.shape[-1], dtype=R.dtype)
+            out = torch.empty(*lead, R.shape[-1], dtype=R.dtype, device=R.device)
             torch.matmul(ga.flatten(-2), W, out=out[..., :P])
             torch.mul(c["f"], uc, out=out[..., P:])
             return out
         A = (R[..., :P] @ W.T).unflatten(-1, (4, H)).mul_(k4)
-        out = torch.empty(*lead, R.shape[-1], dtype=R.dtype)
+        out = torch.empty(*lead, R.shape[-1], dtype=R.dtype, device=R.device)
         dc = torch.sum(A[..., :3, :], -2, out=out[..., P:]).addcmul_(c["f"], R[..., P:])
         dm = torch.addcmul(A[..., 3, :], c["k_c"], dc)
         if Wr is not None:
