@@ -243,8 +243,8 @@ def check_task(d: Any, where: str, need_name: bool = True) -> None:
             import difflib
 
             m = difflib.get_close_matches(str(name), list_tasks(), n=1, cutoff=0.4)
-            raise SpecError(f"{where} name must be one of {', '.join(list_tasks())}, got {_show(name)}"
-                            + (f"; did you mean {m[0]!r}?" if m else ""))
+            raise SpecError(f"{where} name: unknown task {_show(name)}" + (f"; did you mean {m[0]!r}?" if m else "")
+                            + f" (known: {', '.join(list_tasks())})")
     if isinstance(name, str) and name in TASKS:
         check_table(d, _task_checks(TASKS[name]), where)
 

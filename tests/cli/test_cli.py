@@ -114,14 +114,14 @@ def test_run_writes_study_runs_tables_and_reports(runner, tmp_path):
 BAD_SPECS = [
     ("unknown top key", TINY.replace('claim = "', 'clam = "x"\nclaim = "'), r"unknown key 'clam'; did you mean 'claim'"),
     ("unknown train key", TINY.replace("steps = 4", "stpes = 4"), r"\[train\] unknown key 'stpes'; did you mean 'steps'"),
-    ("wrong type", TINY.replace("lr = 0.01", 'lr = "fast"'), r"learning rate must be a positive number"),
+    ("wrong type", TINY.replace("lr = 0.01", 'lr = "fast"'), r"\[train\] lr must be a positive finite number, got .fast."),
     ("unknown cell", TINY.replace('cell = "lstm"', 'cell = "lstn"'), r"unknown cell 'lstn'; did you mean 'lstm'"),
     ("unknown task", TINY.replace('name = "checksum"', 'name = "checksun"'), r"unknown task 'checksun'"),
     ("task option", TINY.replace("T = 8", "T = 8\nlenght = 3"), r"no option 'lenght'"),
     ("no claim", TINY.replace('claim = "A tiny spec used by the CLI tests."', ""), r"missing 'claim'"),
     ("no runs", TINY.split("[[runs]]")[0], r"needs at least one \[\[runs\]\]"),
     ("bad toml", TINY.replace("[task]", "[task"), r"not valid TOML"),
-    ("bad clip", TINY.replace("threshold = 0.5", "threshold = -1"), r"needs a positive threshold"),
+    ("bad clip", TINY.replace("threshold = 0.5", "threshold = -1"), r"train.clip\] threshold must be a positive finite number, got -1"),
     ("impossible length", TINY.replace("T = 8", "T = 0"), r"T"),
 ]
 
