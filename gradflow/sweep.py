@@ -542,7 +542,11 @@ def _ray(jobs, workers: int | None, address: str | None, done: Callable[[int, di
 
         if str(pkg.parent) not in {os.path.realpath(p) for p in safe_sys_path()}:
             runtime_env["py_modules"] = [str(pkg)]
-        kw: dict = {"include_dashboard": False, "log_to_driver": False, "runtime_env": runtime_env}
+        import logging
+
+        # Ray's INFO/WARNING start-up lines would surround the command's own one-line messages
+        kw: dict = {"include_dashboard": False, "log_to_driver": False, "runtime_env": runtime_env,
+                    "logging_level": logging.ERROR}
         try:
             if address:
                 ray.init(address=address, **kw)
@@ -650,7 +654,8 @@ def _lock(out: Path) -> int | None:
 
 
 def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", workers: int | None = None,
-              address: str | None = None, echo: Callable[[str], None] | None = None) -> SweepResult:
+              address: str | None = None, echo: Callable[[str], None] | None = None,
+              sigint: "_Stop | None" = None) -> SweepResult:
     """Run every run of ``sweep`` into ``out`` with ``engine`` ("local": ``workers`` processes,
     default one per core; "ray": Ray tasks, on the cluster at ``address``, on the one already
     initialised, or on a new local one with ``workers`` CPUs). Returns a :class:`SweepResult`;
@@ -660,7 +665,11 @@ def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", worke
     line). SIGINT (Ctrl-C) stops the sweep: no queued run starts, running runs are interrupted and
     marked failed (:data:`INTERRUPTED`), ``sweep.csv`` is written, and :class:`SweepInterrupted`
     is raised. The previous ``sweep.csv`` is removed when a sweep starts, so a sweep that is killed
-    leaves none."""
+    leaves none.
+
+    ``sigint``: a :class:`_Stop` the caller has already entered and keeps entered after this returns
+    (the CLI does, so that a SIGINT arriving just after sweep.csv is written is counted, not raised
+    as KeyboardInterrupt between the sweep and its exit status)."""
     if engine not in ENGINES:
         raise GradflowError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
@@ -675,6 +684,8 @@ def run_sweep(sweep: SweepSpec, out: str | Path, *, engine: str = "local", worke
     out.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(out)
     try:
+        if sigint is not None:
+            return _run_locked(sweep, out, engine, workers, address, echo, sigint, lock_fd)
         with _Stop() as stop:
             return _run_locked(sweep, out, engine, workers, address, echo, stop, lock_fd)
     finally:

@@ -30,6 +30,15 @@ def one_line_errors(fn):
     return wrapper
 
 
+def done_ignore_sigint() -> None:
+    """The command's results are written and its exit status is final: a SIGINT while the
+    interpreter shuts down (torch's teardown takes seconds) must not turn it into a failure."""
+    import atexit
+    import signal
+
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+
+
 quiet_option = click.option("-q", "--quiet", is_flag=True, help="Print only the paths written (no progress bars).")
 
 

@@ -6,16 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import analysis_with_memory, memory_option, one_line_errors, quiet_option, say
-
-
-def _done_ignore_sigint() -> None:
-    """The command's results are written and its exit status is final: a SIGINT while the
-    interpreter shuts down (torch's teardown takes seconds) must not turn it into a failure."""
-    import atexit
-    import signal
-
-    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+from ._common import analysis_with_memory, done_ignore_sigint, memory_option, one_line_errors, quiet_option, say
 
 
 @click.command("run")
@@ -86,4 +77,4 @@ def command(spec: str, out: Path | None, report: bool, steps: int | None, copy_o
         written = build_report([out], html=d / "index.html", pdf=d / "report.pdf", title=s.title)
         for p in written.values():
             click.echo(str(p))
-    _done_ignore_sigint()
+    done_ignore_sigint()

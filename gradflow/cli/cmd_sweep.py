@@ -7,16 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import one_line_errors, quiet_option, say
-
-
-def _done_ignore_sigint() -> None:
-    """The command's results are written and its exit status is final: a SIGINT while the
-    interpreter shuts down (torch's teardown takes seconds) must not turn it into a failure."""
-    import atexit
-    import signal
-
-    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
+from ._common import done_ignore_sigint, one_line_errors, quiet_option, say
 
 
 @click.command("sweep")
@@ -65,7 +56,7 @@ def command(spec: str, out: Path | None, engine: str, workers: int | None, addre
 
         click.echo(str(copy_spec(path)))
         return
-    from ..sweep import SweepInterrupted, incomplete, load_sweep, run_sweep
+    from ..sweep import SweepInterrupted, _Stop, incomplete, load_sweep, run_sweep
 
     if address and engine != "ray":
         raise GradflowError("--address applies to --engine ray")
@@ -76,21 +67,24 @@ def command(spec: str, out: Path | None, engine: str, workers: int | None, addre
         for r in s.runs:
             click.echo(f"{r.dirname}\t{r.label}")
         return
-    try:
-        res = run_sweep(s, out, engine=engine, workers=workers, address=address, echo=echo)
-    except SweepInterrupted as exc:  # sweep.csv is written and lists the unfinished runs
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(130)
-    click.echo(str(out))
-    click.echo(str(out / "sweep.csv"))
-    if report:
+    # The sweep's SIGINT handler stays in place until the paths are printed: a SIGINT that lands
+    # after sweep.csv is written only counts, so the exit status is the one sweep.csv gives.
+    with _Stop() as stop:
+        try:
+            res = run_sweep(s, out, engine=engine, workers=workers, address=address, echo=echo, sigint=stop)
+        except SweepInterrupted as exc:  # sweep.csv is written and lists the unfinished runs
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(130)
+        click.echo(str(out))
+        click.echo(str(out / "sweep.csv"))
+    if report:  # Ctrl-C here stops the report (written atomically: the previous one stays)
         from ..report import build_report
 
         d = Path("reports") / s.name
         written = build_report([out], html=d / "index.html", pdf=d / "report.pdf", title=s.study.title)
         for p in written.values():
             click.echo(str(p))
-    _done_ignore_sigint()
+    done_ignore_sigint()
     bad = incomplete(res.table)  # the exit status says what sweep.csv says
     if bad:
         first = next((o for o in res.outcomes if o.label == bad[0]), None)
