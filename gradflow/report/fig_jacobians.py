@@ -161,7 +161,10 @@ def _sigma_hist(ax, spectra: pd.DataFrame, labels, colors) -> dict[str, str]:
     ax.set_xlabel(r"singular value $\sigma$ of $\partial s_t/\partial s_{t-1}$ (log scale)", **MATH)
     log_scale(ax, "x")
     ax.set_ylabel("fraction of values per bin")
-    ax.set_title("distribution of per-step Jacobian singular values (all t, batch items and ranks)", loc="left")
+    # pooled over what spectra.csv holds: every step and rank on the dense route, the top k at the
+    # distribution steps on the matrix-free one (the plan beside the figure says which)
+    ax.set_title("distribution of per-step Jacobian singular values (steps and ranks per the analysis plan)",
+                 loc="left")
     return notes
 
 
