@@ -44,7 +44,7 @@ _LAZY: dict[str, str] = {
         "gate_values",
         # spectra, products
         "singular_values", "eigenvalue_moduli", "spectral_radius", "step_summary", "top_singular_values",
-        "smallest_singular_values", "DenseOperator", "product_singular_values", "product_spectrum", "lyapunov_exponents",
+        "smallest_singular_values", "largest_singular_value", "DenseOperator", "product_singular_values", "product_spectrum", "lyapunov_exponents",
         "lyapunov_spectrum", "LyapunovResult",
         # adjoint, distance, gates, frames
         "direct_gradients", "adjoint_log_norms", "gradient_matrix", "GradientMatrix", "total_log10_norms",

@@ -229,8 +229,10 @@ def read_json(path: Path) -> Any:
 
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Uncompressed (zip members stored, each with its CRC-32): recorded float32 states and gradients
+    compress by only ~10% with zlib, which cost 12 s of a 100 s inspect of a 2-layer LSTM(512)."""
     def w(fh):
-        np.savez_compressed(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+        np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
 
     _atomic_write(path, w)
 

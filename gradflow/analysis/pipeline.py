@@ -5,19 +5,19 @@ callback call. For each unit it first makes a :class:`~gradflow.analysis.plan.Pl
 (:func:`plan_trace`), then computes:
 
 * ``distance`` / ``decay``: from the recorded gradient norms of the whole batch (O(T·B));
-* ``spectra`` (the distribution of singular values at the plan's steps: all S on the dense and exact
-  routes, the top k on the matrix-free one) and ``spectra_summary`` (per step, mean over the batch):
-  on the dense route every step's singular values give σ_max, σ_min and the fraction of σ > 1 at
-  every step, and ρ (an eigenvalue decomposition) is computed at the distribution steps. On the top-k
-  route σ_max is computed at every step (between distribution steps by Rayleigh–Ritz on a block
-  Krylov basis of at most 32 vectors: a lower bound, exact at small S), σ_min matrix-free
-  (:func:`smallest_singular_values`) at the distribution steps; there
-  the fraction of σ > 1 is exact where σ_k ≤ 1 (NaN otherwise), and ρ is
-  not computed (NaN): no matrix-free route gives it reliably for a non-normal J;
+* ``spectra`` (the distribution of singular values at the plan's steps) and ``spectra_summary`` (per
+  step, mean over the sequences the plan gives it): on the dense route every step's singular values
+  give σ_max, σ_min and the fraction of σ > 1 at every step, and ρ (an eigenvalue decomposition) is
+  computed at the distribution steps. On the top-k route σ_max is computed at every step by
+  Golub–Kahan–Lanczos (a lower bound, exact once its iterations reach S), and J is formed and factored
+  densely only at the distribution steps, for the plan's ``b_dist`` sequences: every singular value
+  there (the top k stored), so σ_min and the fraction of σ > 1 are exact there and NaN elsewhere; ρ
+  is not computed (NaN): no matrix-free route gives it reliably for a non-normal J;
 * ``products`` (log-spaced distances) and ``lyapunov``: all directions or the top k, as planned;
 * ``gates`` for kinds with gates, and the ``summary`` verdicts.
 
-Jacobian work runs over the first ``batch_limit`` sequences, one chunk of ``plan.chunk`` timesteps
+Jacobian work runs over the first ``batch_limit`` sequences (fewer per quantity where the plan's work
+budget says so: ``Plan.b_spectra``, ``b_dist``, ``b_products``, ``b_lyapunov``), one chunk of ``plan.chunk`` timesteps
 at a time (:class:`~gradflow.analysis.streaming.ChunkedLinearization`): the per-step Jacobians
 [T, B, S, S] are formed only a chunk at a time and only on the dense route; the trace is read in
 place, never copied per quantity (the batch subset is one ``index_select``).
@@ -42,15 +42,15 @@ from .frames import lyapunov_table, products_table, spectra_summary_table, spect
 from .gates import gate_statistics
 from .plan import Plan, plan_unit
 from .products import lyapunov_exponents, product_singular_values
-from .spectra import singular_values, smallest_singular_values, step_summary, top_singular_values
+from .spectra import largest_singular_value, singular_values, step_summary
 from .streaming import chunked_linearization
 
 __all__ = ["analyze_trace", "plan_trace", "resolve_device"]
 
-# σ_max at steps without a distribution: Rayleigh–Ritz on a Krylov basis of at most this many vectors, a
-# lower bound (interlacing) that is exact once the basis spans the space or has converged to this tolerance
-_SIGMA_MAX_TOL = 1e-6
-_SIGMA_MAX_BASIS = 32
+# σ_max on the top-k route: Lanczos stops early once no estimate moves by more than this (relative)
+_SIGMA_MAX_TOL = 1e-10
+# top-k products over distance: converged when ln σ moves by less than this (the reported log10 σ to ~4e-10)
+_PRODUCTS_TOL = 1e-9
 
 
 def _config(config) -> AnalysisConfig:
@@ -126,17 +126,10 @@ def _masked_out(lin, bad):
     return replace(lin, coef=coef, mask=keep)
 
 
-def _top(lin, k, bad, smallest: bool = False, **kw) -> torch.Tensor:
-    fn = smallest_singular_values if smallest else top_singular_values
-    sv = fn(_masked_out(lin, bad), k, **kw).to(torch.float64)
-    if bad is not None and bool(bad.any()):
-        sv[bad] = math.nan
-    return sv
-
-
 def _spectra(small: Trace, key, plan: Plan, cfg: AnalysisConfig, device):
     """(spectra rows, summary tensors [T, B]) of one unit along the plan, chunk by chunk."""
-    T, B, S = plan.T, plan.B, plan.S
+    T, S = plan.T, plan.S
+    B = small.shape(key)[1]
     mask = small.mask(key)
     op = chunked_linearization(small, key, chunk=plan.chunk, step_order=False,
                                device=None if device.type == "cpu" else device)
@@ -175,22 +168,31 @@ def _spectra(small: Trace, key, plan: Plan, cfg: AnalysisConfig, device):
                 rows.append(_rows(sv[j].to(torch.float64).cpu(), key, r, mask[sel], sel))
             del J
             continue
+        # top-k: σ_max at every step by Lanczos; at the distribution steps, J formed for b_dist sequences
+        summ["sigma_max"][a:b] = _sigma_lanczos(lin, plan.iterations)
         if len(sel):
             sub = lin.select(sel - a)
-            bad = _bad_steps(sub)
-            sv = _top(sub, plan.k, bad).cpu()
-            summ["sigma_max"][sel] = sv[..., 0]
-            summ["sigma_min"][sel] = _top(sub, 1, bad, smallest=True)[..., 0].cpu()
-            exact = sv[..., -1] <= 1  # every σ > 1 is among the top k
-            fr = (sv > 1).to(torch.float64).sum(-1) / S
-            summ["frac_gt1"][sel] = torch.where(exact, fr, torch.full_like(fr, math.nan))
-            rows.append(_rows(sv, key, r, mask[sel], sel))
-        if len(other):
-            sub = lin.select(other - a)
-            top1 = _top(sub, 1, _bad_steps(sub), tol=_SIGMA_MAX_TOL, max_basis=min(S, _SIGMA_MAX_BASIS))
-            summ["sigma_max"][other] = top1[..., 0].cpu()
+            if plan.b_dist < B:
+                sub = sub.select_batch(torch.arange(plan.b_dist))
+            J = sub.dense()
+            sv = singular_values(J, on_nonfinite="nan")
+            st = step_summary(J, radius=False, sigma=sv, on_nonfinite="nan")
+            del J
+            for c in ("sigma_max", "sigma_min", "frac_gt1"):
+                summ[c][sel, :plan.b_dist] = st[c].to(torch.float64).cpu()
+            rows.append(_rows(sv.to(torch.float64).cpu(), key, r, mask[sel][:, :plan.b_dist], sel))
     spectra = pd.concat(rows, ignore_index=True) if rows else spectra_table(torch.zeros(0, B, r), key)
     return spectra, summ
+
+
+def _sigma_lanczos(lin, iterations: int) -> torch.Tensor:
+    """σ_max [n, B] of every step of ``lin`` by Golub–Kahan–Lanczos (NaN where the step is non-finite)."""
+    bad = _bad_steps(lin)
+    sv = largest_singular_value(_masked_out(lin, bad), iterations=iterations, tol=_SIGMA_MAX_TOL,
+                                chunk=lin.shape[0]).to(torch.float64)
+    if bad is not None and bool(bad.any()):
+        sv[bad] = math.nan
+    return sv
 
 
 def _rows(sv, key, r, mask, positions) -> pd.DataFrame:
@@ -208,7 +210,7 @@ def _products(small, key, plan: Plan, device):
     op = chunked_linearization(small, key, chunk=plan.chunk, dtype=torch.float64)
     ds = list(plan.distances)
     ls = product_singular_values(op, distances=ds, mask=op.step_mask, k=None if plan.products >= plan.S else plan.products,
-                                 device=device)
+                                 device=device, tol=_PRODUCTS_TOL)
     return products_table(ls, key, ds)
 
 
@@ -220,6 +222,11 @@ def _lyapunov(small, key, plan: Plan, warmup: int, device):
 
 
 # ---------------------------------------------------------------------------------- the orchestrator
+def _first(trace: Trace, b: int) -> Trace:
+    """The trace of its first ``b`` sequences (itself when it has no more)."""
+    return trace if b >= trace.shape(trace.keys()[0])[1] else trace.subset(slice(0, b))
+
+
 def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, *,
                   plans: dict[str, Plan] | None = None) -> dict[str, pd.DataFrame]:
     """Every analysis table (``gradflow.tables`` schemas, without the ``run`` column) of a
@@ -255,13 +262,14 @@ def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, 
             tabs["decay"] = pd.concat([tabs["decay"], joint.decay], ignore_index=True)
         if primary:
             plan = plans[str(k)]
-            spectra, st = _spectra(small, k, plan, cfg, device)
-            summ = spectra_summary_table(st, k, mask=small.mask(k))
+            sub = _first(small, plan.b_spectra)
+            spectra, st = _spectra(sub, k, plan, cfg, device)
+            summ = spectra_summary_table(st, k, mask=sub.mask(k))
             tabs.update(spectra=spectra, spectra_summary=summ)
             if plan.products:
-                tabs["products"] = _products(small, k, plan, device)
+                tabs["products"] = _products(_first(small, plan.b_products), k, plan, device)
             if plan.lyapunov:
-                lyap = _lyapunov(small, k, plan, warmup, device)
+                lyap = _lyapunov(_first(small, plan.b_lyapunov), k, plan, warmup, device)
                 tabs["lyapunov"] = lyap
             if kinds.get(trace.cell(k).kind).gates:
                 tabs["gates"] = gate_statistics(trace, k, classes=classes)

@@ -170,7 +170,7 @@ def _on(op, device, fn):
 
 @_util.single_threaded
 def product_singular_values(J, *, distances=None, start: int = 0, mask=None, k: int | None = None,
-                            device=None) -> torch.Tensor:
+                            device=None, tol: float = 1e-11) -> torch.Tensor:
     """ln σ_i(P_d) for each requested distance -> [len(distances), B, S] (or [.., k]) float64 (CPU), descending.
 
     J: explicit Jacobians [T, B, S, S] or a Linearization, in step order; distances: increasing ints
@@ -179,7 +179,7 @@ def product_singular_values(J, *, distances=None, start: int = 0, mask=None, k: 
     k: only the k largest, matrix-free (k-column frames carried with QR, subspace iteration and a
     block Krylov at short distances: :mod:`gradflow.analysis.topk`); None: all S (a full frame).
     Diagonal structures are exact per unit either way. device: where to compute (default: the
-    operator's device when it is CUDA, else CPU)."""
+    operator's device when it is CUDA, else CPU); tol: convergence of the top-k route (ln σ, absolute)."""
     op, dev = _on(J, device, "product_singular_values")
     T, B, S = op.shape
     mask = _util.check_mask(mask, T, B, "product_singular_values")
@@ -198,7 +198,7 @@ def product_singular_values(J, *, distances=None, start: int = 0, mask=None, k: 
         out = cs[[d - 1 for d in ds]].sort(-1, descending=True).values
         return (out if k is None else out[..., :k]).cpu()
     if k is not None and oversampled(k, S) < S:
-        return product_topk(op, ds, start, k, mask, dev).cpu()
+        return product_topk(op, ds, start, k, mask, dev, tol=tol).cpu()
     mask = None if mask is None else mask.to(dev)
     Q = torch.eye(S, dtype=torch.float64, device=dev).expand(B, S, S).clone()
     ell = torch.zeros(B, S, dtype=torch.float64, device=dev)

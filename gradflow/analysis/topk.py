@@ -36,7 +36,8 @@ from . import _util
 from .spectra import block_krylov
 
 _KRYLOV_SPREAD = 18.0  # ln(σ_1/σ_k) + ln d below which the chain Krylov route is accurate (see the docstring)
-_MAX_HALF = 40  # half-passes of subspace iteration at most (noise-level ranks of a singular product never settle)
+_MAX_HALF = 40
+_BATCHED_ROUNDS = 1  # rounds of subspace iteration run for all distances together before each goes on alone  # half-passes of subspace iteration at most (noise-level ranks of a singular product never settle)
 
 
 def oversampled(k: int, S: int) -> int:
@@ -114,13 +115,36 @@ def _agree(a, b, tol: float) -> bool:
     return not bool(both.any()) or float((a - b)[both].abs().max()) <= tol
 
 
-def _one_distance(op, steps, valid_of, U, k: int, tol: float, generator):
-    """ln σ_1..k of P = J[steps[-1]] ⋯ J[steps[0]] [B, k] from the end frame U [B, S, m] (see the docstring)."""
-    rev = steps[::-1]
-    V, eb = qr_pass(op, U, rev, True, valid_of)
-    U, ef = qr_pass(op, V, steps, False, valid_of)
+def _batched_pass(op, frames, lengths, start: int, transpose: bool, valid_of):
+    """:func:`qr_pass` of every distance at once: frames [A, B, S, m], frame i carried through steps
+    start..start+lengths[i]-1 (``transpose``: Jᵀ from the last of them down). ``lengths`` increase, so
+    the frames active at a step are a suffix of them, and one ``apply_rows`` per step serves them all
+    (the weights are read once per step, not once per distance). Returns (frames, ln σ [A, B, m])."""
+    from .products import _log_svd, _scaled_product
+
+    A, B, S, m = frames.shape
+    frames = frames.clone()
+    ell = torch.zeros(A, B, m, dtype=frames.dtype, device=frames.device)
+    N = torch.eye(m, dtype=frames.dtype, device=frames.device).expand(A, B, m, m).clone()
+    D = lengths[-1]
+    order = range(start + D - 1, start - 1, -1) if transpose else range(start, start + D)
+    for j in order:
+        a0 = next(i for i, d in enumerate(lengths) if j < start + d)
+        n = A - a0
+        rows = frames[a0:].permute(0, 3, 1, 2).reshape(n * m, B, S)
+        Z = apply_rows(op, rows, j, transpose, valid_of(j)).reshape(n, m, B, S).permute(0, 2, 3, 1)
+        Q, R = torch.linalg.qr(Z)
+        frames[a0:] = Q
+        ell[a0:], N[a0:] = _scaled_product(R, ell[a0:], N[a0:])
+    return frames, _log_svd(ell, N)
+
+
+def _finish(op, steps, valid_of, U, V, ef, eb, k: int, tol: float, generator):
+    """ln σ_1..k of P = J[steps[-1]] ⋯ J[steps[0]] [B, k] after a first round of subspace iteration gave
+    V (start frame), U (end frame) and the estimates eb, ef (see the module docstring)."""
     if _agree(ef[:, :k], eb[:, :k], tol):
         return ef[:, :k]
+    rev = steps[::-1]
     spread = float((ef[:, 0] - ef[:, k - 1]).max()) + math.log(len(steps))
     if math.isfinite(spread) and spread <= _KRYLOV_SPREAD:
         chain = _Chain(op, steps, valid_of)
@@ -153,11 +177,32 @@ def product_topk(op, ds: list[int], start: int, k: int, mask, dev, *, tol: float
 
     g = torch.Generator().manual_seed(seed)
     Q = torch.linalg.qr(torch.randn(S, m, generator=g, dtype=torch.float64)).Q.to(dev).expand(B, S, m).clone()
-    want, out = set(ds), []
+    want, ends = set(ds), []
     for d in range(1, ds[-1] + 1):
         j = start + d - 1
         Z = apply_rows(op, Q.permute(2, 0, 1).contiguous(), j, False, valid_of(j))
         Q = torch.linalg.qr(Z.permute(1, 2, 0)).Q
         if d in want:
-            out.append(_one_distance(op, list(range(start, j + 1)), valid_of, Q, k, tol, g))
+            ends.append(Q)
+    # rounds of subspace iteration for every unconverged distance at once (one weight read per step
+    # for all of them), then each remaining distance on its own (block Krylov at short distances)
+    U = torch.stack(ends)
+    V = torch.empty_like(U)
+    ef = eb = None
+    done = [False] * len(ds)
+    for _ in range(_BATCHED_ROUNDS):
+        act = [i for i in range(len(ds)) if not done[i]]
+        if not act:
+            break
+        lens = [ds[i] for i in act]
+        Va, eba = _batched_pass(op, U[act], lens, start, True, valid_of)
+        Ua, efa = _batched_pass(op, Va, lens, start, False, valid_of)
+        if ef is None:
+            ef, eb = efa.clone(), eba.clone()
+        V[act], U[act], ef[act], eb[act] = Va, Ua, efa, eba
+        for n, i in enumerate(act):
+            done[i] = _agree(efa[n, :, :k], eba[n, :, :k], tol)
+    out = [ef[i, :, :k] if done[i] else
+           _finish(op, list(range(start, start + d)), valid_of, U[i], V[i], ef[i], eb[i], k, tol, g)
+           for i, d in enumerate(ds)]
     return torch.stack(out)

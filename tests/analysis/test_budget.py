@@ -1,0 +1,107 @@
+"""The work budget of the plan: Golub–Kahan–Lanczos σ_max against dense SVDs, and every quantity run
+over the first b sequences the plan gives it, equal to the same quantity computed on that subset."""
+
+import numpy as np
+import pytest
+import torch
+
+from gradflow.analysis import (AnalysisConfig, Linearization, analyze_trace, largest_singular_value, linearize_trace,
+                               lyapunov_spectrum, lyapunov_table, plan_trace, product_spectrum, products_table,
+                               singular_values)
+from gradflow.errors import GradflowError
+
+from . import helpers as h
+
+# (kind, direction, lengths): the dense structures, both directions, with and without masks
+CASES = [("rnn_tanh", 0, None), ("lstm", 1, [9, 6, 9, 4]), ("gru", 0, [9, 5, 8, 9]), ("gru", 1, None),
+         ("lstm", 0, None)]
+
+
+@pytest.mark.parametrize("kind,direction,lengths", CASES)
+def test_lanczos_sigma_max_is_exact_at_full_rank_and_a_lower_bound_before(kind, direction, lengths):
+    tr, key = h.make_trace(kind, T=9, B=4, H=5, direction=direction, lengths=lengths, seed=3, scale=1.5)[:2]
+    lin = linearize_trace(tr, key, dtype=torch.float64)
+    S = lin.shape[2]
+    ref = singular_values(lin.dense())[..., 0]
+    exact = largest_singular_value(lin, iterations=S, tol=0.0)
+    torch.testing.assert_close(exact, ref, rtol=1e-10, atol=1e-12)
+    few = largest_singular_value(lin, iterations=2, tol=0.0)
+    assert bool((few <= ref * (1 + 1e-12)).all()) and bool((few > 0).all())
+    # the chunked route gives the same values
+    torch.testing.assert_close(largest_singular_value(lin, iterations=S, tol=0.0, chunk=2), exact, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("case", ["zero", "rank1", "identity"])
+def test_lanczos_on_explicit_matrices(case):
+    g = torch.Generator().manual_seed(0)
+    S = 6
+    if case == "zero":
+        J = torch.zeros(2, 3, S, S, dtype=torch.float64)
+    elif case == "rank1":
+        u, v = torch.randn(2, 3, S, 1, generator=g, dtype=torch.float64), torch.randn(2, 3, 1, S, generator=g,
+                                                                                       dtype=torch.float64)
+        J = u @ v
+    else:
+        J = torch.eye(S, dtype=torch.float64).expand(2, 3, S, S) * 3.0
+    got = largest_singular_value(J, iterations=S, tol=0.0)
+    torch.testing.assert_close(got, torch.linalg.svdvals(J)[..., 0], rtol=1e-12, atol=1e-300)
+
+
+def test_lanczos_bad_arguments_name_the_option():
+    J = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(GradflowError, match="iterations"):
+        largest_singular_value(J, iterations=0)
+    with pytest.raises(GradflowError, match="chunk"):
+        largest_singular_value(J, chunk=0)
+
+
+@pytest.mark.parametrize("kind,direction,lengths", [("lstm", 1, [9, 6, 9, 4]), ("gru", 0, None)])
+def test_each_quantity_runs_over_the_planned_sequences(kind, direction, lengths, monkeypatch):
+    """A plan taking 1-3 of 4 sequences per quantity (as a work budget gives at large S): the spectra
+    summary is the mean over the first b_spectra sequences, the distributions only hold the first
+    b_dist, and the products and Lyapunov tables equal those of the subset trace; J is formed only at
+    the distribution steps, for b_dist sequences."""
+    from dataclasses import replace
+
+    tr, key = h.make_trace(kind, T=9, B=4, H=4, direction=direction, lengths=lengths, seed=5, scale=1.5)[:2]
+    cfg = AnalysisConfig(dense_max=0, k=2, spectra_steps=3, max_rank=50)
+    plan = replace(plan_trace(tr, cfg)[str(key)], b_spectra=3, b_dist=2, b_products=1, b_lyapunov=2)
+    assert plan.spectra == "top-k" and plan.iterations == plan.S
+    assert "σ_max at all 9 steps of 3 of 4 sequences" in plan.describe()
+    formed = []
+    real = Linearization.dense
+
+    def spy(self, chunk=None):
+        formed.append(tuple(self.shape[:2]))
+        return real(self, chunk)
+
+    monkeypatch.setattr(Linearization, "dense", spy)
+    out = analyze_trace(tr, cfg, plans={str(key): plan})
+    # the distributions: one J per planned step for b_dist sequences (at this tiny S the Lyapunov sweep also
+    # forms its per-step J for its own b_lyapunov sequences, one step at a time)
+    assert formed[0] == (len(plan.steps), plan.b_dist) and all(b == plan.b_lyapunov for _, b in formed[1:])
+    monkeypatch.setattr(Linearization, "dense", real)
+    J = linearize_trace(tr, key, dtype=torch.float64).dense()
+    sv = singular_values(J)
+    mask = tr.mask(key)
+    bs = plan.b_spectra
+    ss = out["spectra_summary"]
+    ss = ss[ss["key"] == str(key)].sort_values("t")
+    want = [sv[t, :bs, 0][mask[t, :bs]].mean().item() for t in range(9)]
+    np.testing.assert_allclose(ss["sigma_max"], want, rtol=1e-6)
+    sp = out["spectra"]
+    assert set(sp["b"]) <= set(range(plan.b_dist)) and set(sp["t"]) <= set(plan.steps)
+    for r in sp.itertuples():
+        assert r.sigma == pytest.approx(float(sv[r.t, r.b, r.rank - 1]), rel=1e-9)
+    sub = tr.subset(slice(0, plan.b_products))
+    ds = list(plan.distances)
+    ref = products_table(product_spectrum(sub, key, distances=ds), key, ds)
+    ref = ref[ref["rank"] <= plan.products].sort_values(["distance", "rank"])
+    got = out["products"].sort_values(["distance", "rank"])
+    full = products_table(product_spectrum(tr, key, distances=ds), key, ds)  # the mean over all 4 differs
+    assert not np.allclose(full[full["rank"] <= plan.products].sort_values(["distance", "rank"])["log10_sigma"],
+                           got["log10_sigma"])
+    np.testing.assert_allclose(got["log10_sigma"], ref["log10_sigma"], rtol=1e-6, atol=1e-9)
+    sub = tr.subset(slice(0, plan.b_lyapunov))
+    ref = lyapunov_table(lyapunov_spectrum(sub, key, k=plan.lyapunov), key)
+    np.testing.assert_allclose(out["lyapunov"]["exponent"], ref["exponent"], rtol=1e-10)
