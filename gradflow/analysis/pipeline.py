@@ -174,7 +174,7 @@ def _spectra(small: Trace, key, plan: Plan, cfg: AnalysisConfig, device):
             sub = lin.select(sel - a)
             if plan.b_dist < B:
                 sub = sub.select_batch(torch.arange(plan.b_dist))
-            J = sub.dense()
+            J = sub.to(torch.float64).dense()  # a few large matrices: one float64 SVD each, no float32 try first
             sv = singular_values(J, on_nonfinite="nan")
             st = step_summary(J, radius=False, sigma=sv, on_nonfinite="nan")
             del J
