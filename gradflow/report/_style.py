@@ -149,7 +149,9 @@ def _value_label(x, _pos=None) -> str:
 def log_scale(ax, which: str = "y") -> None:
     """Log-scale an axis of positive values; ticks labelled 0.5, 1, 10, 10⁴ ... without mathtext.
 
-    Minor ticks get labels only when the view spans less than two decades (otherwise they crowd)."""
+    Minor ticks get labels only when the view spans less than two decades (otherwise they crowd): at
+    2, 3 and 5 × 10ᵏ, and every one of them when the view spans less than half a decade (where those
+    may all lie outside it, e.g. values 0.6–1.1)."""
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
     axis = ax.yaxis if which == "y" else ax.xaxis
     axis.set_major_formatter(FuncFormatter(_value_label))
@@ -159,7 +161,7 @@ def log_scale(ax, which: str = "y") -> None:
         if not (lo > 0 and math.log10(hi / lo) < 2 and x > 0):
             return ""
         m = round(x / 10 ** math.floor(math.log10(x)), 6)
-        return f"{x:g}" if m in (2, 3, 5) else ""
+        return f"{x:g}" if m in (2, 3, 5) or math.log10(hi / lo) < 0.5 else ""
 
     axis.set_minor_formatter(FuncFormatter(minor))
 

@@ -110,7 +110,7 @@ def fig_spectra(spectra: pd.DataFrame | None = None, spectra_summary: pd.DataFra
                         pts.set_gid(f"{col}_zero|{run}|{key}")
                 ax.axhline(1.0, color="black", ls="--", lw=0.9)
                 ax.set_xlabel("timestep t")
-                ax.set_ylabel(f"{sym} (mean over batch{', log scale' if logy else ''})", **MATH)
+                ax.set_ylabel(f"{sym} (mean over sequences analysed{', log scale' if logy else ''})", **MATH)
                 ax.set_title(name + r" of $\partial s_t/\partial s_{t-1}$", loc="left", **MATH)
             if logy:
                 log_scale(ax1, "y")

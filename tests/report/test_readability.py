@@ -331,3 +331,27 @@ def test_clipping_log_loss_marks_exact_zeros_and_picks_one_step_per_run(runset):
     legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
     assert "lstm ((d) at step 40)" in legend and any("exactly 0" in t for t in legend)
     assert "see legend" in artists(fig, "clip_t|").popitem()[1].axes.get_title(loc="left")
+
+
+@pytest.mark.parametrize("lo,hi,want", [
+    (0.6, 1.1, {"0.7", "0.8", "0.9"}),  # less than half a decade: every minor tick is labelled
+    (0.15, 1.2, {"0.2", "0.3", "0.5"}),  # under two decades: 2, 3 and 5 × 10ᵏ
+])
+def test_a_log_axis_spanning_less_than_a_decade_has_readable_ticks(lo, hi, want):
+    """A σ histogram whose values lie in 0.79-0.87 showed a single tick label ("1") on its log axis."""
+    import matplotlib.pyplot as plt
+
+    from gradflow.report._style import log_scale
+
+    f, ax = plt.subplots()
+    try:
+        ax.plot([lo, hi], [0, 1])
+        ax.set_xlim(lo, hi)
+        log_scale(ax, "x")
+        f.canvas.draw()
+        a, b = ax.get_xlim()
+        shown = {t.get_text() for t in ax.get_xticklabels(minor=True) + ax.get_xticklabels()
+                 if t.get_text() and a <= t.get_position()[0] <= b}
+        assert want <= shown, shown
+    finally:
+        plt.close(f)
