@@ -337,6 +337,6 @@ def _lyapunov(ax, fig, lyapunov: pd.DataFrame) -> None:
                 color="0.2", bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=1.5))
     ax.set_xlabel("index i (exponents sorted, largest first)")
     ax.set_ylabel(r"$\lambda_i$ (ln per step)", **MATH)
-    ax.set_title("Lyapunov spectrum (mean over batch ± standard error)", loc="left")
+    ax.set_title("Lyapunov spectrum (mean over sequences analysed ± standard error)", loc="left")
     ax.xaxis.get_major_locator().set_params(integer=True)
     legend_below(fig, hs, ls, max_cols=3, fontsize=7.5)
