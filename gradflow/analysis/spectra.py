@@ -390,9 +390,7 @@ def _lanczos_sigma_max(matvec, rmatvec, v, iterations: int, tol: float):
     est = prev = None
     for j in range(iterations):
         if Us:
-            U = torch.cat(Us, -1)
-            for _ in range(2):
-                u = u - U @ (U.mT @ u)
+            u = _orth_against(u, torch.cat(Us, -1))
         a = u.norm(dim=-2, keepdim=True)
         u = u / a.clamp_min(tiny)
         Us.append(u)
@@ -408,10 +406,7 @@ def _lanczos_sigma_max(matvec, rmatvec, v, iterations: int, tol: float):
         prev = est
         if j == iterations - 1:
             break
-        w = rmatvec(u) - v * a
-        V = torch.cat(Vs, -1)
-        for _ in range(2):
-            w = w - V @ (V.mT @ w)
+        w = _orth_against(rmatvec(u) - v * a, torch.cat(Vs, -1))
         b = w.norm(dim=-2, keepdim=True)
         v = w / b.clamp_min(tiny)
         Vs.append(v)
