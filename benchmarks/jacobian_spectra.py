@@ -3,8 +3,8 @@
 nn.LSTM H=128 (joint state [h; c], S = 256), T=200, B=32, recorded with ``gradflow.record(keep="states")``.
 
 * gradflow, top k (default 8): ``linearize_trace(trace, key, dtype=float64)`` (the factored closed
-  form, no S×S matrix) + ``top_singular_values(lin, k)`` (block Krylov on JᵀJ from J V / Jᵀ U
-  products, batched over (t, b), in time chunks).
+  form, no S×S matrix) + ``top_singular_values(lin, k, tol)`` (Golub–Kahan–Lanczos from J v / Jᵀ u
+  products, batched over (t, b), in time chunks; ``--tol`` default 1e-8, the agreement asked is 1e-6).
 * baseline: ``torch.func.vmap(jacrev(step))`` over the batch at every timestep (float64) +
   ``torch.linalg.svdvals``, the top k taken from it.
 * second line, the full spectra: gradflow ``jacobians`` + ``singular_values`` (threaded LAPACK) vs the
@@ -13,11 +13,13 @@ nn.LSTM H=128 (joint state [h; c], S = 256), T=200, B=32, recorded with ``gradfl
 Both sides run in this process with one intra-op thread (gradflow's dense route spreads its SVDs
 over a pool of os.cpu_count() threads), interleaved rounds (``_rounds.py``), best time of each;
 results must agree to 1e-6 relative (top k) and 1e-9·σ_max (full spectra). The ratio is what to
-quote, with the machine load. The Krylov route's cost grows with the basis it needs: when the top of
-the spectrum is flat (an untrained LSTM: σ_1..σ_12 within 15%), resolving σ_8 to 1e-10 takes a
-basis of ~3/4 of S, about the cost of a dense SVD; it pays off when S is large against that basis.
+quote, with the machine load. The Lanczos route's cost grows with the iterations it needs: when the
+top of the spectrum is flat (an untrained LSTM: σ_1..σ_12 within 15%), resolving σ_8 takes ~62
+iterations for 1e-6 and ~75 for 1e-10 at S = 256, i.e. ~150 products J v / Jᵀ u of 2·4H·H flops
+each, about the flops of a dense values-only SVD (8/3·S³); it pays off when S is large against the
+iterations.
 
-    python benchmarks/jacobian_spectra.py [--H 128] [--T 200] [--B 32] [--F 64] [--k 8] [--repeats 1]
+    python benchmarks/jacobian_spectra.py [--H 128] [--T 200] [--B 32] [--F 64] [--k 8] [--tol 1e-8] [--repeats 1]
                                           [--device cpu|cuda]
 """
 
@@ -74,6 +76,7 @@ def main():
     ap.add_argument("--B", type=int, default=32)
     ap.add_argument("--F", type=int, default=64)
     ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--tol", type=float, default=1e-8, help="top-k stopping tolerance (relative change)")
     ap.add_argument("--repeats", type=int, default=1, help="timed rounds per variant (the best is kept)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where both sides compute")
     args = ap.parse_args()
@@ -86,7 +89,7 @@ def main():
 
     def ours_top():
         lin = linearize_trace(trace, key, dtype=torch.float64)
-        out = top_singular_values(lin, k, device=dev)
+        out = top_singular_values(lin, k, tol=args.tol, device=dev)
         _sync(dev)
         return out
 

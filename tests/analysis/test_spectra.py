@@ -100,6 +100,20 @@ def test_top_k_degenerate_spectrum():
     assert torch.allclose(top, torch.full_like(top, 0.7), rtol=1e-10)
 
 
+@pytest.mark.parametrize("d", [[3.0, 3.0, 3.0, 2.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0],
+                               [1.0] * 10, [2.0, 1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+def test_top_k_repeated_and_zero_singular_values(d):
+    """U diag(d) Vᵀ with repeated values and a null space (k past the rank): every copy is found
+    (Lanczos restarts on breakdown), zeros come out as zeros."""
+    gen = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64)).Q
+    J = (U @ torch.diag(torch.tensor(d, dtype=torch.float64)) @ V.T).expand(3, 2, 10, 10)
+    top = top_singular_values(J, 8)
+    want = torch.tensor(d, dtype=torch.float64)[:8].expand(3, 2, 8)
+    assert torch.allclose(top, want, rtol=1e-10, atol=1e-12), (top - want).abs().max()
+
+
 def test_tanh_step_bounded_by_recurrent_weight():
     tr, key, ref = h.make_trace("rnn_tanh", T=8, B=3, H=6, scale=2.5)
     smax_w = torch.linalg.matrix_norm(ref["p"]["weight_hh"], ord=2)
