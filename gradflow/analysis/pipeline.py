@@ -26,6 +26,9 @@ place, never copied per quantity (the batch subset is one ``index_select``).
 from __future__ import annotations
 
 import math
+import os
+import queue
+import threading
 
 import numpy as np
 import pandas as pd
@@ -245,6 +248,23 @@ def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, 
     small = trace if B <= cfg.batch_limit else trace.subset(slice(0, cfg.batch_limit))
     warmup = min(cfg.warmup, max(T - 2, 0))
     frac, ref, per_step = cfg.horizon_fraction, cfg.horizon_reference, bool(cfg.per_step_loss)
+    # the Jacobian work of every unit (spectra, products, Lyapunov) first, as independent jobs; on
+    # the top-k route they run two at a time (see _run_jobs), the cheap tables after, in unit order
+    jobs, slots = [], {}
+    for k in keys:
+        if not _primary(trace, k):
+            continue
+        plan = plans[str(k)]
+        sub = _first(small, plan.b_spectra)
+        slots[(str(k), "spectra")] = len(jobs)
+        jobs.append(lambda k=k, sub=sub, plan=plan: _spectra(sub, k, plan, cfg, device))
+        if plan.products:
+            slots[(str(k), "products")] = len(jobs)
+            jobs.append(lambda k=k, plan=plan: _products(_first(small, plan.b_products), k, plan, device))
+        if plan.lyapunov:
+            slots[(str(k), "lyapunov")] = len(jobs)
+            jobs.append(lambda k=k, plan=plan: _lyapunov(_first(small, plan.b_lyapunov), k, plan, warmup, device))
+    done = _run_jobs(jobs, _workers(plans, device, len(jobs)))
     parts: dict[str, list[pd.DataFrame]] = {}
     for k in keys:
         primary = _primary(trace, k)
@@ -262,14 +282,13 @@ def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, 
             tabs["decay"] = pd.concat([tabs["decay"], joint.decay], ignore_index=True)
         if primary:
             plan = plans[str(k)]
-            sub = _first(small, plan.b_spectra)
-            spectra, st = _spectra(sub, k, plan, cfg, device)
-            summ = spectra_summary_table(st, k, mask=sub.mask(k))
+            spectra, st = done[slots[(str(k), "spectra")]]
+            summ = spectra_summary_table(st, k, mask=_first(small, plan.b_spectra).mask(k))
             tabs.update(spectra=spectra, spectra_summary=summ)
-            if plan.products:
-                tabs["products"] = _products(_first(small, plan.b_products), k, plan, device)
-            if plan.lyapunov:
-                lyap = _lyapunov(_first(small, plan.b_lyapunov), k, plan, warmup, device)
+            if (str(k), "products") in slots:
+                tabs["products"] = done[slots[(str(k), "products")]]
+            if (str(k), "lyapunov") in slots:
+                lyap = done[slots[(str(k), "lyapunov")]]
                 tabs["lyapunov"] = lyap
             if kinds.get(trace.cell(k).kind).gates:
                 tabs["gates"] = gate_statistics(trace, k, classes=classes)
@@ -285,6 +304,60 @@ def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, 
             if df is not None and len(df):
                 parts.setdefault(name, []).append(df)
     return {name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()}
+
+
+def _workers(plans: dict[str, Plan], device, jobs: int) -> int:
+    """How many Jacobian jobs run at once: two on a CPU with two or more cores when some unit takes
+    the top-k route (its per-step sweeps are thin GEMMs that one core runs as fast as two, so two
+    jobs side by side nearly halve the time) and two of the largest working sets fit the budget
+    together; else one (small units: Python-bound, where threads only contend for the GIL)."""
+    if device.type != "cpu" or jobs < 2 or (os.cpu_count() or 1) < 2 or not plans:
+        return 1
+    big = [p for p in plans.values() if p.spectra == "top-k"]
+    if not big:
+        return 1
+    peak = max(p.peak for p in plans.values())
+    return 2 if 2 * peak <= min(p.memory for p in plans.values()) else 1
+
+
+def _run_jobs(jobs: list, workers: int) -> list:
+    """Results of ``jobs`` (zero-argument callables) in order. With workers > 1 they run on that
+    many daemon threads with one intra-op torch thread each (restored after, even on error); the
+    first exception is re-raised once every job started has stopped, and an interrupt of the main
+    thread propagates at once (daemon threads do not hold up the exit)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [job() for job in jobs]
+    results: list = [None] * len(jobs)
+    errors: list = []
+    todo = queue.SimpleQueue()
+    for i in range(len(jobs)):
+        todo.put(i)
+
+    def work():
+        while not errors:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = jobs[i]()
+            except BaseException as e:  # re-raised in the caller's thread
+                errors.append(e)
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pool = [threading.Thread(target=work, daemon=True, name=f"gradflow-analysis-{n}") for n in range(workers)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            while t.is_alive():
+                t.join(0.2)
+    finally:
+        torch.set_num_threads(threads_before)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def _joint_profile(trace, key, fraction, reference=1):

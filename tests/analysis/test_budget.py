@@ -105,3 +105,55 @@ def test_each_quantity_runs_over_the_planned_sequences(kind, direction, lengths,
     sub = tr.subset(slice(0, plan.b_lyapunov))
     ref = lyapunov_table(lyapunov_spectrum(sub, key, k=plan.lyapunov), key)
     np.testing.assert_allclose(out["lyapunov"]["exponent"], ref["exponent"], rtol=1e-10)
+
+
+def _two_layer_trace():
+    import gradflow
+    from torch import nn
+
+    torch.manual_seed(3)
+    m = nn.LSTM(3, 6, num_layers=2).double()
+    x = torch.randn(8, 3, 3, dtype=torch.float64)
+    with gradflow.record(m, keep="states") as rec:
+        out, _ = m(x)
+        out[-1].pow(2).sum().backward()
+    return rec.trace
+
+
+def test_top_k_jobs_run_two_at_a_time_with_the_same_tables(monkeypatch):
+    """On the top-k route the Jacobian jobs of the units run on two threads (one torch thread each,
+    restored after); every table equals the one-at-a-time analysis."""
+    from gradflow.analysis import pipeline
+
+    tr = _two_layer_trace()
+    cfg = AnalysisConfig(dense_max=0, k=3, spectra_steps=3)
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    assert pipeline._workers(pipeline.plan_trace(tr, cfg), torch.device("cpu"), 6) == 2
+    assert pipeline._workers(pipeline.plan_trace(tr, AnalysisConfig()), torch.device("cpu"), 6) == 1  # dense route
+    seen = []
+    real = pipeline._run_jobs
+    monkeypatch.setattr(pipeline, "_run_jobs", lambda jobs, w: seen.append(w) or real(jobs, w))
+    before = torch.get_num_threads()
+    par = analyze_trace(tr, cfg)
+    assert seen == [2] and torch.get_num_threads() == before
+    monkeypatch.setattr(pipeline, "_workers", lambda *a: 1)
+    seq = analyze_trace(tr, cfg)
+    assert set(par) == set(seq)
+    for name in seq:
+        pd_testing = __import__("pandas").testing
+        pd_testing.assert_frame_equal(par[name], seq[name], check_exact=False, rtol=1e-12)
+
+
+def test_a_failing_job_raises_its_error_and_restores_the_threads():
+    from gradflow.analysis import pipeline
+
+    before = torch.get_num_threads()
+    ran = []
+
+    def boom():
+        raise GradflowError("job 1 failed")
+
+    with pytest.raises(GradflowError, match="job 1 failed"):
+        pipeline._run_jobs([lambda: ran.append(0), boom, lambda: ran.append(2)], 2)
+    assert torch.get_num_threads() == before
+    assert pipeline._run_jobs([lambda: 1, lambda: 2, lambda: 3], 2) == [1, 2, 3]
