@@ -264,7 +264,14 @@ def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, 
         if plan.lyapunov:
             slots[(str(k), "lyapunov")] = len(jobs)
             jobs.append(lambda k=k, plan=plan: _lyapunov(_first(small, plan.b_lyapunov), k, plan, warmup, device))
-    done = _run_jobs(jobs, _workers(plans, device, len(jobs)))
+    # longest first (products over distance, then spectra, then Lyapunov: their usual order of cost
+    # on the top-k route), so that two workers finish together
+    rank = {"products": 0, "spectra": 1, "lyapunov": 2}
+    order = sorted(slots, key=lambda ks: (rank[ks[1]], slots[ks]))
+    ran = _run_jobs([jobs[slots[ks]] for ks in order], _workers(plans, device, len(jobs)))
+    done = [None] * len(jobs)
+    for ks, res in zip(order, ran):
+        done[slots[ks]] = res
     parts: dict[str, list[pd.DataFrame]] = {}
     for k in keys:
         primary = _primary(trace, k)
