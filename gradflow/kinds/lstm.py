@@ -72,42 +72,42 @@ class LSTMRecurrence(torch.autograd.Function):
         K.project(x, w_ih2, b2, gates)
         cs = K.empty(sink, (T, B, H), x)  # c_t (after masking): the state
         ms = K.empty(sink, (T, B, H), x) if proj else None  # o·tanh(c̃_t) before the projection
+        tcs = K.empty(sink, (T, B, H), x)  # tanh(c̃_t), for the backward's factors
         if K.route("lstm", x, mask, w_hh, fused) == "fused":
             out, h_n, c_n = torch._VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), *fused, 1, 0.0, False, False, False)
-            LSTMRecurrence._recover(gates, out, cs, ms, h0, c0, w_hh2)
+            LSTMRecurrence._recover(gates, out, cs, tcs, ms, h0, c0, w_hh2)
             h_n, c_n = h_n[0], c_n[0]
         else:
             out = K.empty(sink, (T, B, P), x)
-            LSTMRecurrence._steps(gates, out, cs, ms, h0, c0, w_hh2, w_hr, mask)
+            LSTMRecurrence._steps(gates, out, cs, tcs, ms, h0, c0, w_hh2, w_hr, mask)
             h_n, c_n = out[T - 1].clone(), cs[T - 1].clone()
-        ctx.save_for_backward(x, w_ih, gates, out, cs, ms if proj else x.new_empty(0), h0, c0, w_hh, w_hr)
+        ctx.save_for_backward(x, w_ih, gates, out, cs, tcs, ms if proj else x.new_empty(0), h0, c0, w_hh, w_hr)
         ctx.mask, ctx.sink, ctx.has_b = mask, sink, b.numel() > 0
         if sink is not None:
             sink.forward(h=out, c=cs)
         return out, h_n, c_n
 
     @staticmethod
-    def _steps(gates, out, cs, ms, h0, c0, w_hh2, w_hr, mask):
+    def _steps(gates, out, cs, tcs, ms, h0, c0, w_hh2, w_hr, mask):
         """The step-by-step forward: gates [T, B, 4H] hold W_ih x + b (g rows doubled) and become
-        [σ(i), σ(f), s, σ(o)] with s = σ(2a_g), g = 2s − 1; c_t = f c_{t-1} + 2 i s − i."""
+        [σ(i), σ(f), s, σ(o)] with s = σ(2a_g), g = 2s − 1; c_t = f c_{t-1} + 2 i s − i; tcs <- tanh(c̃_t)."""
         B, H = cs.shape[1:]
         P = out.shape[-1]
         proj = ms is not None
-        k = gates.new_empty(B, H)  # tanh(c̃_t), reused
         ctmp = gates.new_empty(B, H) if mask is not None else None
         htmp = gates.new_empty(B, P) if mask is not None else None
         w_hh_t = w_hh2.t()
         w_hr_t = w_hr.t() if proj else None
         A_, I_, F_ = gates.unbind(0), gates[..., :H].unbind(0), gates[..., H: 2 * H].unbind(0)
         S_, O_ = gates[..., 2 * H: 3 * H].unbind(0), gates[..., 3 * H:].unbind(0)
-        C_, OUT = cs.unbind(0), out.unbind(0)
+        C_, OUT, K_ = cs.unbind(0), out.unbind(0), tcs.unbind(0)
         M_ = ms.unbind(0) if proj else None
         h, c = h0, c0
         for t in range(len(A_)):
             A_[t].addmm_(h, w_hh_t).sigmoid_()
             i = I_[t]
             c_new = torch.mul(F_[t], c, out=C_[t] if mask is None else ctmp).addcmul_(i, S_[t], value=2).sub_(i)
-            torch.tanh(c_new, out=k)
+            k = torch.tanh(c_new, out=K_[t])
             h_new = OUT[t] if mask is None else htmp
             if proj:
                 torch.mm(torch.mul(O_[t], k, out=M_[t]), w_hr_t, out=h_new)
@@ -120,10 +120,10 @@ class LSTMRecurrence(torch.autograd.Function):
             h, c = OUT[t], C_[t]
 
     @staticmethod
-    def _recover(gates, out, cs, ms, h0, c0, w_hh2):
+    def _recover(gates, out, cs, tcs, ms, h0, c0, w_hh2):
         """After the fused forward: gates [T, B, 4H] (holding W_ih x + b, g rows doubled) <- the
         activations as :meth:`_steps` leaves them, adding W_hh h_{t-1} with one GEMM per block of
-        steps; cs <- c_t (one op per step); ms <- o·tanh(c_t). Block by block, so that each block's
+        steps; cs <- c_t (one op per step); tcs <- tanh(c_t); ms <- o·tanh(c_t). Block by block, so that each block's
         activations and scan run while it is in cache."""
         T, B, G = gates.shape
         H = G // 4
@@ -143,11 +143,12 @@ class LSTMRecurrence(torch.autograd.Function):
             torch.mul(i, a[..., 2 * H: 3 * H], out=cb).mul_(2).sub_(i)  # i·g, then + f·c_{t-1} step by step
             for f_t, c_t in zip(a[..., H: 2 * H].unbind(0), cb.unbind(0)):
                 c = c_t.addcmul_(f_t, c)
+            torch.tanh(cb, out=tcs[s:e])
             if ms is not None:
-                torch.mul(a[..., 3 * H:], torch.tanh(cb, out=ms[s:e]), out=ms[s:e])
+                torch.mul(a[..., 3 * H:], tcs[s:e], out=ms[s:e])
 
     @staticmethod
-    def _factors(gates, cs, c0, s, e, Q, A):
+    def _factors(gates, cs, tcs, c0, s, e, Q, A):
         """Gate-derivative factors of steps s..e-1: Q [n, B, 4H] with da = Q ⊙ [dc̃, dc̃, dc̃, dm] ⊙ R and
         A = o·(1 − tanh²c) [n, B, H], so that dc̃ = dc_in + dm ⊙ A; R = [1/2, 1, 1/4, 1] by gate block
         (:func:`_gate_scaled`). (Masked steps, where c_t is
@@ -164,14 +165,14 @@ class LSTMRecurrence(torch.autograd.Function):
             qf[1:].mul_(cs[: e - 1])
         else:
             qf.mul_(cs[s - 1: e - 1])
-        k = torch.tanh(cs[s:e], out=A)  # A holds tanh(c) until the last product
+        k = tcs[s:e]  # tanh(c̃_t), kept by the forward
         qo.mul_(k)
-        torch.addcmul(o, o, k.mul_(k), value=-1, out=A)  # o(1 − tanh²c)
+        torch.addcmul(o, o, torch.mul(k, k, out=A), value=-1, out=A)  # o(1 − tanh²c)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_hn, g_cn):
-        x, w_ih, gates, out, cs, ms, h0, c0, w_hh, w_hr = ctx.saved_tensors
+        x, w_ih, gates, out, cs, tcs, ms, h0, c0, w_hh, w_hr = ctx.saved_tensors
         mask, sink = ctx.mask, ctx.sink
         T, B, G = gates.shape
         H = G // 4
@@ -194,7 +195,7 @@ class LSTMRecurrence(torch.autograd.Function):
         w_hh_s = _gate_scaled(w_hh)  # d_gates holds dL/da ⊙ R (see _factors)
         dh0 = dc0 = None
         for s, e in K.blocks(T):
-            LSTMRecurrence._factors(gates, cs, c0, s, e, d_gates[s:e], A[: e - s])
+            LSTMRecurrence._factors(gates, cs, tcs, c0, s, e, d_gates[s:e], A[: e - s])
             Q3, Qo = q4[s:e, :, :3].unbind(0), q4[s:e, :, 3].unbind(0)
             DA, F_, A_ = d_gates[s:e].unbind(0), f[s:e].unbind(0), A[: e - s].unbind(0)
             lo = max(s - 1, 0)
