@@ -96,7 +96,7 @@ class LSTMRecurrence(torch.autograd.Function):
         proj = ms is not None
         ctmp = gates.new_empty(B, H) if mask is not None else None
         htmp = gates.new_empty(B, P) if mask is not None else None
-        w_hh_t = w_hh2.t()
+        w_hh_t = K.step_weight(w_hh2)
         w_hr_t = w_hr.t() if proj else None
         A_, I_, F_ = gates.unbind(0), gates[..., :H].unbind(0), gates[..., H: 2 * H].unbind(0)
         S_, O_ = gates[..., 2 * H: 3 * H].unbind(0), gates[..., 3 * H:].unbind(0)
