@@ -55,7 +55,7 @@ class LSTMRecurrence(torch.autograd.Function):
     (the plain module's own numbers), then recovers every pre-activation with one GEMM over all steps
     from the returned h_t, and c_t with one elementwise op per step. Both keep the gate activations
     (with s = σ(2a_g) in place of g = tanh(a_g) = 2s − 1, so that one sigmoid covers every gate),
-    h_t and c_t, and share the backward."""
+    h_t, c_t and tanh(c̃_t), and share the backward."""
 
     @staticmethod
     def forward(ctx, x, w_ih, b, h0, c0, w_hh, w_hr, mask, sink, fused):
