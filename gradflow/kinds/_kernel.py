@@ -55,6 +55,14 @@ def route(kind: str, x: torch.Tensor, mask, w_hh: torch.Tensor, fused) -> str:
     return "fused" if x.device.type == "cuda" else "steps"
 
 
+def step_weight(w: torch.Tensor) -> torch.Tensor:
+    """Wᵀ for the per-step GEMMs h_{t-1} Wᵀ (w [G, P]): a contiguous copy up to P = 512, the
+    transposed view above. Measured on CPU (B = 32, one thread, thread time): the copy's layout is
+    faster for small weights (LSTM G=4H: H=64 15.3 vs 17.9 µs, H=256 174 vs 249 µs, H=512 971 vs
+    1130 µs; GRU and tanh RNN alike) and slower at H=1024 (LSTM 5.3-6.5 vs 5.0-5.5 ms)."""
+    return w.t().contiguous() if w.shape[-1] <= 512 else w.t()
+
+
 def empty(sink, shape, like):
     """A new tensor of ``shape`` like ``like``, from the sink's workspace when it has one."""
     ws = getattr(sink, "workspace", None)
@@ -62,14 +70,15 @@ def empty(sink, shape, like):
 
 
 def project(x: torch.Tensor, w_ih: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out [T, B, G] <- x W_ihᵀ + b, one GEMM over all steps."""
+    """out [T, B, G] <- x W_ihᵀ + b, one GEMM over all steps, then the bias in place: measured on
+    CPU (T·B = 8192, F = 64, G = 256, one thread) addmm with the broadcast bias took 4.7 ms, the
+    GEMM and the add 2.9 ms."""
     T, B, F = x.shape
     x2 = x.reshape(T * B, F)
     o2 = out.view(T * B, -1)
+    torch.mm(x2, w_ih.t(), out=o2)
     if b.numel():
-        torch.addmm(b, x2, w_ih.t(), out=o2)
-    else:
-        torch.mm(x2, w_ih.t(), out=o2)
+        o2.add_(b)
 
 
 def input_grads(ctx, d_pre: torch.Tensor, x: torch.Tensor, w_ih: torch.Tensor, has_b: bool):
@@ -81,7 +90,7 @@ def input_grads(ctx, d_pre: torch.Tensor, x: torch.Tensor, w_ih: torch.Tensor, h
         dx = empty(ctx.sink, x.shape, x)
         torch.mm(d2, w_ih, out=dx.view(T * B, -1))
     if ctx.needs_input_grad[1]:
-        dw = d2.t().mm(x.reshape(T * B, -1))
+        dw = _wgrad(d2, x.reshape(T * B, -1))
     if has_b and ctx.needs_input_grad[2]:
         db = d2.sum(0)
     return dx, dw, db
@@ -92,10 +101,16 @@ def recurrent_grad(d_pre: torch.Tensor, out: torch.Tensor, h0: torch.Tensor) -> 
     read the h_t in place (no [T, B, P] copy of the shifted states).
     d_pre [T, B, G], out (the h_t) [T, B, P], h0 [B, P] -> [G, P]."""
     T, B, G = d_pre.shape
-    g = d_pre[0].t().matmul(h0)
+    g = h0.t().matmul(d_pre[0])
     if T > 1:
-        g.addmm_(d_pre[1:].reshape((T - 1) * B, G).t(), out[:-1].reshape((T - 1) * B, -1))
-    return g
+        g.addmm_(out[:-1].reshape((T - 1) * B, -1).t(), d_pre[1:].reshape((T - 1) * B, G))
+    return g.t()
+
+
+def _wgrad(d2: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """d2ᵀ a2 ([N, G], [N, F] -> [G, F]) computed as (a2ᵀ d2)ᵀ, a transposed view: on CPU
+    (N = 8192, F = 64, G = 256, one thread) 2.3 ms against 3.0 ms for d2ᵀ a2."""
+    return a2.t().mm(d2).t()
 
 
 def prev(s: torch.Tensor, s0: torch.Tensor, a: int, b: int, buf: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ class GRURecurrence(torch.autograd.Function):
         H = G // 3
         gh = rzn.new_empty(B, 3 * H)
         dh = rzn.new_empty(B, H)
-        w_hh_t = w_hh.t()
+        w_hh_t = K.step_weight(w_hh)
         has_b = b_hh.numel() > 0
         RZ, N_, HN, OUT = (rzn[..., : 2 * H].unbind(0), rzn[..., 2 * H:].unbind(0), hns.unbind(0),
                            out.unbind(0))

@@ -24,6 +24,27 @@ from . import _kernel as K
 from ._gated import GatedKind, preactivations, promoted
 
 
+def _gate_scaled(w: torch.Tensor) -> torch.Tensor:
+    """A copy of the gate-stacked ``w`` [4H, ...] with the i rows doubled and the g rows times 4.
+    The backward's d_gates holds dL/da ⊙ R, R = [1/2, 1, 1/4, 1] by gate block (i, f, g, o), and
+    multiplies it by weights scaled so: that saves two elementwise passes in ``_factors`` and is exact
+    (powers of two)."""
+    H = w.shape[0] // 4
+    out = w.clone()
+    out[:H].mul_(2.0)
+    out[2 * H: 3 * H].mul_(4.0)
+    return out
+
+
+def _gate_scale_(g: torch.Tensor) -> torch.Tensor:
+    """``g`` [4H, ...], a gradient formed from d_gates, with the i rows doubled and the g rows
+    times 4 in place: dL/dW from (dL/da ⊙ R)."""
+    H = g.shape[0] // 4
+    g[:H].mul_(2.0)
+    g[2 * H: 3 * H].mul_(4.0)
+    return g
+
+
 class LSTMRecurrence(torch.autograd.Function):
     """[i f g o] = W_ih x_t + b + W_hh h_{t-1} (b = b_ih + b_hh); c_t = σ(f)c_{t-1} + σ(i)tanh(g);
     h_t = σ(o)tanh(c_t), then W_hr h_t with proj_size.
@@ -34,7 +55,7 @@ class LSTMRecurrence(torch.autograd.Function):
     (the plain module's own numbers), then recovers every pre-activation with one GEMM over all steps
     from the returned h_t, and c_t with one elementwise op per step. Both keep the gate activations
     (with s = σ(2a_g) in place of g = tanh(a_g) = 2s − 1, so that one sigmoid covers every gate),
-    h_t and c_t, and share the backward."""
+    h_t, c_t and tanh(c̃_t), and share the backward."""
 
     @staticmethod
     def forward(ctx, x, w_ih, b, h0, c0, w_hh, w_hr, mask, sink, fused):
@@ -51,42 +72,42 @@ class LSTMRecurrence(torch.autograd.Function):
         K.project(x, w_ih2, b2, gates)
         cs = K.empty(sink, (T, B, H), x)  # c_t (after masking): the state
         ms = K.empty(sink, (T, B, H), x) if proj else None  # o·tanh(c̃_t) before the projection
+        tcs = K.empty(sink, (T, B, H), x)  # tanh(c̃_t), for the backward's factors
         if K.route("lstm", x, mask, w_hh, fused) == "fused":
             out, h_n, c_n = torch._VF.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), *fused, 1, 0.0, False, False, False)
-            LSTMRecurrence._recover(gates, out, cs, ms, h0, c0, w_hh2)
+            LSTMRecurrence._recover(gates, out, cs, tcs, ms, h0, c0, w_hh2)
             h_n, c_n = h_n[0], c_n[0]
         else:
             out = K.empty(sink, (T, B, P), x)
-            LSTMRecurrence._steps(gates, out, cs, ms, h0, c0, w_hh2, w_hr, mask)
+            LSTMRecurrence._steps(gates, out, cs, tcs, ms, h0, c0, w_hh2, w_hr, mask)
             h_n, c_n = out[T - 1].clone(), cs[T - 1].clone()
-        ctx.save_for_backward(x, w_ih, gates, out, cs, ms if proj else x.new_empty(0), h0, c0, w_hh, w_hr)
+        ctx.save_for_backward(x, w_ih, gates, out, cs, tcs, ms if proj else x.new_empty(0), h0, c0, w_hh, w_hr)
         ctx.mask, ctx.sink, ctx.has_b = mask, sink, b.numel() > 0
         if sink is not None:
             sink.forward(h=out, c=cs)
         return out, h_n, c_n
 
     @staticmethod
-    def _steps(gates, out, cs, ms, h0, c0, w_hh2, w_hr, mask):
+    def _steps(gates, out, cs, tcs, ms, h0, c0, w_hh2, w_hr, mask):
         """The step-by-step forward: gates [T, B, 4H] hold W_ih x + b (g rows doubled) and become
-        [σ(i), σ(f), s, σ(o)] with s = σ(2a_g), g = 2s − 1; c_t = f c_{t-1} + 2 i s − i."""
+        [σ(i), σ(f), s, σ(o)] with s = σ(2a_g), g = 2s − 1; c_t = f c_{t-1} + 2 i s − i; tcs <- tanh(c̃_t)."""
         B, H = cs.shape[1:]
         P = out.shape[-1]
         proj = ms is not None
-        k = gates.new_empty(B, H)  # tanh(c̃_t), reused
         ctmp = gates.new_empty(B, H) if mask is not None else None
         htmp = gates.new_empty(B, P) if mask is not None else None
-        w_hh_t = w_hh2.t()
+        w_hh_t = K.step_weight(w_hh2)
         w_hr_t = w_hr.t() if proj else None
         A_, I_, F_ = gates.unbind(0), gates[..., :H].unbind(0), gates[..., H: 2 * H].unbind(0)
         S_, O_ = gates[..., 2 * H: 3 * H].unbind(0), gates[..., 3 * H:].unbind(0)
-        C_, OUT = cs.unbind(0), out.unbind(0)
+        C_, OUT, K_ = cs.unbind(0), out.unbind(0), tcs.unbind(0)
         M_ = ms.unbind(0) if proj else None
         h, c = h0, c0
         for t in range(len(A_)):
             A_[t].addmm_(h, w_hh_t).sigmoid_()
             i = I_[t]
             c_new = torch.mul(F_[t], c, out=C_[t] if mask is None else ctmp).addcmul_(i, S_[t], value=2).sub_(i)
-            torch.tanh(c_new, out=k)
+            k = torch.tanh(c_new, out=K_[t])
             h_new = OUT[t] if mask is None else htmp
             if proj:
                 torch.mm(torch.mul(O_[t], k, out=M_[t]), w_hr_t, out=h_new)
@@ -99,10 +120,10 @@ class LSTMRecurrence(torch.autograd.Function):
             h, c = OUT[t], C_[t]
 
     @staticmethod
-    def _recover(gates, out, cs, ms, h0, c0, w_hh2):
+    def _recover(gates, out, cs, tcs, ms, h0, c0, w_hh2):
         """After the fused forward: gates [T, B, 4H] (holding W_ih x + b, g rows doubled) <- the
         activations as :meth:`_steps` leaves them, adding W_hh h_{t-1} with one GEMM per block of
-        steps; cs <- c_t (one op per step); ms <- o·tanh(c_t). Block by block, so that each block's
+        steps; cs <- c_t (one op per step); tcs <- tanh(c_t); ms <- o·tanh(c_t). Block by block, so that each block's
         activations and scan run while it is in cache."""
         T, B, G = gates.shape
         H = G // 4
@@ -122,34 +143,36 @@ class LSTMRecurrence(torch.autograd.Function):
             torch.mul(i, a[..., 2 * H: 3 * H], out=cb).mul_(2).sub_(i)  # i·g, then + f·c_{t-1} step by step
             for f_t, c_t in zip(a[..., H: 2 * H].unbind(0), cb.unbind(0)):
                 c = c_t.addcmul_(f_t, c)
+            torch.tanh(cb, out=tcs[s:e])
             if ms is not None:
-                torch.mul(a[..., 3 * H:], torch.tanh(cb, out=ms[s:e]), out=ms[s:e])
+                torch.mul(a[..., 3 * H:], tcs[s:e], out=ms[s:e])
 
     @staticmethod
-    def _factors(gates, cs, c0, s, e, Q, A):
-        """Gate-derivative factors of steps s..e-1: Q [n, B, 4H] with da = Q ⊙ [dc̃, dc̃, dc̃, dm] and
-        A = o·(1 − tanh²c) [n, B, H], so that dc̃ = dc_in + dm ⊙ A. (Masked steps, where c_t is the
-        carried c_{t-1} rather than c̃_t, get finite factors that only ever multiply zeros.)"""
+    def _factors(gates, cs, tcs, c0, s, e, Q, A):
+        """Gate-derivative factors of steps s..e-1: Q [n, B, 4H] with da = Q ⊙ [dc̃, dc̃, dc̃, dm] ⊙ R and
+        A = o·(1 − tanh²c) [n, B, H], so that dc̃ = dc_in + dm ⊙ A; R = [1/2, 1, 1/4, 1] by gate block
+        (:func:`_gate_scaled`). (Masked steps, where c_t is
+        the carried c_{t-1} rather than c̃_t, get finite factors that only ever multiply zeros.)"""
         H = cs.shape[-1]
         a = gates[s:e]
         i, sg, o = a[..., :H], a[..., 2 * H: 3 * H], a[..., 3 * H:]
         torch.addcmul(a, a, a, value=-1, out=Q)  # a(1 − a): σ' of i, f, o; s(1 − s) = (1 − g²)/4 for g
         qi, qf, qg, qo = (Q[..., k * H: (k + 1) * H] for k in range(4))
-        qi.mul_(torch.mul(sg, 2, out=A).sub_(1))  # σ'(i)·g with g = 2s − 1 (A as scratch)
-        qg.mul_(i).mul_(4)  # (1 − g²)·i
+        qi.mul_(torch.sub(sg, 0.5, out=A))  # σ'(i)·g/2 with g = 2s − 1 (A as scratch)
+        qg.mul_(i)  # (1 − g²)·i/4
         if s == 0:
             qf[0].mul_(c0)
             qf[1:].mul_(cs[: e - 1])
         else:
             qf.mul_(cs[s - 1: e - 1])
-        k = torch.tanh(cs[s:e], out=A)  # A holds tanh(c) until the last product
+        k = tcs[s:e]  # tanh(c̃_t), kept by the forward
         qo.mul_(k)
-        torch.addcmul(o, o, k.mul_(k), value=-1, out=A)  # o(1 − tanh²c)
+        torch.addcmul(o, o, torch.mul(k, k, out=A), value=-1, out=A)  # o(1 − tanh²c)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_hn, g_cn):
-        x, w_ih, gates, out, cs, ms, h0, c0, w_hh, w_hr = ctx.saved_tensors
+        x, w_ih, gates, out, cs, tcs, ms, h0, c0, w_hh, w_hr = ctx.saved_tensors
         mask, sink = ctx.mask, ctx.sink
         T, B, G = gates.shape
         H = G // 4
@@ -169,9 +192,10 @@ class LSTMRecurrence(torch.autograd.Function):
         maskf = None if mask is None else mask.unsqueeze(-1).to(gates.dtype)
         q4 = d_gates.view(T, B, 4, H)
         f = gates[..., H: 2 * H]
+        w_hh_s = _gate_scaled(w_hh)  # d_gates holds dL/da ⊙ R (see _factors)
         dh0 = dc0 = None
         for s, e in K.blocks(T):
-            LSTMRecurrence._factors(gates, cs, c0, s, e, d_gates[s:e], A[: e - s])
+            LSTMRecurrence._factors(gates, cs, tcs, c0, s, e, d_gates[s:e], A[: e - s])
             Q3, Qo = q4[s:e, :, :3].unbind(0), q4[s:e, :, 3].unbind(0)
             DA, F_, A_ = d_gates[s:e].unbind(0), f[s:e].unbind(0), A[: e - s].unbind(0)
             lo = max(s - 1, 0)
@@ -189,10 +213,10 @@ class LSTMRecurrence(torch.autograd.Function):
                 Q3[j].mul_(dct)
                 Qo[j].mul_(dm)
                 if t > 0:
-                    dh_prev = torch.addmm(GO[k - 1], DA[j], w_hh, out=DH[k - 1])
+                    dh_prev = torch.addmm(GO[k - 1], DA[j], w_hh_s, out=DH[k - 1])
                     dc_prev = torch.mul(dct2, F_[j], out=DC[k - 1])
                 else:
-                    dh_prev = dh0 = DA[0].matmul(w_hh)
+                    dh_prev = dh0 = DA[0].matmul(w_hh_s)
                     dc_prev = dc0 = dct2 * F_[0]
                 if notm is not None:
                     dh_prev.addcmul_(notm[t], dh_t)
@@ -201,12 +225,16 @@ class LSTMRecurrence(torch.autograd.Function):
         if sink is not None:
             sink.backward("h", d_h)
             sink.backward("c", d_c)
-        g_whh = K.recurrent_grad(d_gates, out, h0)
+        g_whh = _gate_scale_(K.recurrent_grad(d_gates, out, h0))
         g_whr = None
         if proj:
             d_ht = d_h if mask is None else d_h * maskf  # dL/dh_t through this step's own output
             g_whr = d_ht.view(T * B, -1).t().matmul(ms.view(T * B, H))
-        dx, dw_ih, db = K.input_grads(ctx, d_gates, x, w_ih, ctx.has_b)
+        dx, dw_ih, db = K.input_grads(ctx, d_gates, x, _gate_scaled(w_ih) if ctx.needs_input_grad[0] else w_ih,
+                                      ctx.has_b)
+        for g in (dw_ih, db):
+            if g is not None:
+                _gate_scale_(g)
         return dx, dw_ih, db, dh0, dc0, g_whh, g_whr, None, None, None
 
 

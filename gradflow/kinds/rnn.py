@@ -37,7 +37,7 @@ class RNNRecurrence(torch.autograd.Function):
             H = w_hh.shape[0]
             out = K.empty(sink, (T, B, H), x)  # the pre-activations, then h_t in place
             K.project(x, w_ih, b, out)
-            w_hh_t = w_hh.t()
+            w_hh_t = K.step_weight(w_hh)
             h = h0
             for t, a in enumerate(out.unbind(0)):
                 a.addmm_(h, w_hh_t)
