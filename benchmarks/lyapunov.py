@@ -3,7 +3,8 @@
 A recorded nn.RNN/GRU/LSTM or gradflow minGRU/LRU layer (``keep="states"``), T steps, B sequences,
 the full spectrum (or the top ``--k`` exponents). gradflow: ``lyapunov_spectrum(trace, key, warmup=W)``
 — factored closed-form J·Q products (no S×S Jacobian is formed), several steps per float64 QR while
-the spectrum's spread allows; for the diagonal kinds (minGRU, LRU) per-unit time averages of
+the spectrum's spread allows; a full frame of S ≥ 128 (LSTM: S ≥ 64) is kept as Householder reflectors
+between QRs, the next J_t Q applied by ormqr to the formed J_t (no orgqr); for the diagonal kinds (minGRU, LRU) per-unit time averages of
 ln|d_t|, with no QR at all. Baseline (the textbook route): at every step the batch of Jacobians by
 ``vmap(jacrev(step))`` (float64, as gradflow), then ``Q, R = torch.linalg.qr(J @ Q)``, exponents = mean
 ln|diag R|. Both are timed with perf_counter in this process: --repeats rounds that run every

@@ -225,3 +225,30 @@ def test_diagonal_kinds_use_no_qr_and_equal_the_qr_route(kind):
     ok = torch.isfinite(ref_ps)
     assert torch.equal(ok, torch.isfinite(ps))
     torch.testing.assert_close(ps[ok], ref_ps[ok], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind,H", [("lstm", 32), ("rnn_tanh", 128), ("gru", 128)])
+def test_householder_form_sweep_equals_per_step_qr(kind, H):
+    """Full frames of S ≥ 64 (LSTM) or 128 are kept as Householder reflectors between blocks (geqrf, then
+    J_t Q by ormqr): the spectrum equals one qr(J_t @ Q) per step on the dense Jacobians (checked against
+    autograd in test_lyapunov_of_a_linearization_equals_that_of_its_dense_jacobians), masked steps,
+    warm-up and chunks included."""
+    from gradflow.analysis import linearize_trace, products
+
+    tr, key, ref = h.make_trace(kind, T=30, B=3, H=H, lengths=[30, 22, 9], seed=5)
+    op = linearize_trace(tr, key, dtype=torch.float64)
+    S = op.shape[2]
+    assert products._dense_steps_cheap(op, S)
+    J = op.dense()
+    mask = tr.mask(key)
+    Q = torch.eye(S, dtype=h.DT).expand(3, S, S).clone()
+    tot = torch.zeros(3, S, dtype=h.DT)
+    for t in range(30):
+        Jt = torch.where(mask[t][:, None, None], J[t], torch.eye(S, dtype=h.DT))
+        Q, R = torch.linalg.qr(Jt @ Q)
+        tot += R.diagonal(dim1=-2, dim2=-1).abs().log() * (mask[t] & (t >= 2))[:, None]
+    want = (tot / (mask[2:].sum(0))[:, None]).sort(-1, descending=True).values
+    for chunk in (None, 7):
+        got = lyapunov_spectrum(tr, key, warmup=2, chunk=chunk, threads=1)
+        torch.testing.assert_close(got.exponents, want, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got.steps, mask[2:].sum(0).to(h.DT))
