@@ -20,7 +20,9 @@ Jacobian work runs over the first ``batch_limit`` sequences (fewer per quantity 
 budget says so: ``Plan.b_spectra``, ``b_dist``, ``b_products``, ``b_lyapunov``), one chunk of ``plan.chunk`` timesteps
 at a time (:class:`~gradflow.analysis.streaming.ChunkedLinearization`): the per-step Jacobians
 [T, B, S, S] are formed only a chunk at a time and only on the dense route; the trace is read in
-place, never copied per quantity (the batch subset is one ``index_select``).
+place, never copied per quantity (the batch subset is one ``index_select``). The spectra, products and
+Lyapunov of every unit are independent jobs; on the top-k route they run longest first, two at a time
+on a multi-core CPU (:func:`_workers`, :func:`_run_jobs`), each with one torch thread.
 """
 
 from __future__ import annotations
