@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kinds
 from ..errors import GradflowError
 from . import _util
 from ..trace import Trace
@@ -358,17 +359,19 @@ def _top_units(lm_sum, blk_n, k: int):
 def _dense_steps_cheap(op, S: int) -> bool:
     """Whether a full frame of S columns is swept in Householder form: J_t of ``op`` can be formed at the
     cost of a few passes over S×S (explicit Jacobians, or a closed-form dense kind; not a custom cell's
-    autograd Jacobian) and S is large enough to gain (measured, 1 thread, B=16: tanh RNN S=128 1.3x,
-    GRU S=128 1.14x, LSTM S=64 2.3x and S=128 1.45x faster; tanh RNN S=64 1.25x slower, GRU S=64 even,
-    S=32 no gain — their blocks span several steps, so one orgqr per block matters less)."""
+    autograd Jacobian) and S is large enough to gain: from the kind's ``householder_from`` (measured,
+    1 thread, B=16: tanh RNN S=128 1.3x, GRU S=128 1.14x, LSTM S=64 2.3x and S=128 1.45x faster; tanh
+    RNN S=64 1.25x slower, GRU S=64 even, S=32 no gain — their blocks span several steps, so one
+    orgqr per block matters less)."""
     if S < _IMPLICIT_MIN_S:
         return False
     if isinstance(op, DenseOperator):
         return S >= 2 * _IMPLICIT_MIN_S
-    kind = getattr(getattr(op, "cell", None), "kind", None)
-    if getattr(op, "step", None) is not None or _structured(op) or kind not in ("rnn_tanh", "rnn_relu", "gru", "lstm"):
+    cell = getattr(op, "cell", None)
+    if cell is None or getattr(op, "step", None) is not None or _structured(op):
         return False
-    return S >= 2 * _IMPLICIT_MIN_S or kind == "lstm"
+    start = kinds.get(cell.kind).impl.householder_from
+    return start is not None and S >= start
 
 
 def _dense_steps(op, a: int, b: int, valid):

@@ -45,6 +45,9 @@ class KindImpl:
     inits: tuple = INITS  # recurrent initialisations the zoo accepts
     gate_blocks = 1  # H-row blocks of the recurrent/input matrices (run.json's model.gates)
     needs_step = False  # linearized from the recorded step function (user cells), not from parameters
+    # full-frame Lyapunov sweeps keep the frame in Householder form (geqrf, then J_t Q by ormqr on the
+    # formed J_t) from this joint state size on; None: never (measured per kind, see products.py)
+    householder_from: int | None = None
 
     # ------------------------------------------------------------------ describing a unit
     def state_sizes(self, hidden: int, proj: int = 0) -> dict[str, int]:

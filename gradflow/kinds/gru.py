@@ -167,6 +167,7 @@ class GRURecurrence(torch.autograd.Function):
 class GRUKind(GatedKind):
     fused, cell = nn.GRU, nn.GRUCell
     gate_blocks = 3
+    householder_from = 128  # S=128 1.14x faster; S=64 even
 
     def record(self, x, params, s0, mask, sink):
         empty = params["weight_hh"].new_empty(0)
