@@ -252,12 +252,12 @@ def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, 
     frac, ref, per_step = cfg.horizon_fraction, cfg.horizon_reference, bool(cfg.per_step_loss)
     # the Jacobian work of every unit (spectra, products, Lyapunov) first, as independent jobs; on
     # the top-k route they run two at a time (see _run_jobs), the cheap tables after, in unit order
-    jobs, slots = [], {}
+    jobs, slots, subsets = [], {}, {}
     for k in keys:
         if not _primary(trace, k):
             continue
         plan = plans[str(k)]
-        sub = _first(small, plan.b_spectra)
+        sub = subsets[str(k)] = _first(small, plan.b_spectra)
         slots[(str(k), "spectra")] = len(jobs)
         jobs.append(lambda k=k, sub=sub, plan=plan: _spectra(sub, k, plan, cfg, device))
         if plan.products:
@@ -290,9 +290,8 @@ def analyze_trace(trace: Trace, config=None, classes: np.ndarray | None = None, 
             tabs["distance"] = pd.concat([tabs["distance"], joint.table], ignore_index=True)
             tabs["decay"] = pd.concat([tabs["decay"], joint.decay], ignore_index=True)
         if primary:
-            plan = plans[str(k)]
             spectra, st = done[slots[(str(k), "spectra")]]
-            summ = spectra_summary_table(st, k, mask=_first(small, plan.b_spectra).mask(k))
+            summ = spectra_summary_table(st, k, mask=subsets[str(k)].mask(k))
             tabs.update(spectra=spectra, spectra_summary=summ)
             if (str(k), "products") in slots:
                 tabs["products"] = done[slots[(str(k), "products")]]

@@ -348,9 +348,7 @@ def _per_step(op, k: int, fn: str, smallest: bool, block, tol, max_basis, seed, 
             out.append(block_krylov(sub.matvec, sub.rmatvec, V, k, cap=cap, tol=tol, generator=g,
                                     smallest=True).cpu())
             continue
-        v = torch.randn(n, B, S, 1, generator=g, dtype=torch.float64).to(dev)
-        v = v / v.norm(dim=-2, keepdim=True)
-        out.append(_gkl(sub.matvec, sub.rmatvec, v, k, cap, tol, g, min(cap, k + 2),
+        out.append(_gkl(sub.matvec, sub.rmatvec, _unit_start(n, B, S, g, dev), k, cap, tol, g, min(cap, k + 2),
                         lambda j: max(2, j // 8)).cpu())
     return torch.cat(out)
 
@@ -391,12 +389,19 @@ def smallest_singular_values(op, k: int, *, block: int | None = None, tol: float
     return _per_step(op, k, "smallest_singular_values", True, block, tol, None, seed, steps, chunk, device)
 
 
+def _unit_start(n: int, B: int, S: int, generator, dev) -> torch.Tensor:
+    """Random unit start vectors [n, B, S, 1] float64 on ``dev`` (drawn on the CPU: reproducible)."""
+    v = torch.randn(n, B, S, 1, generator=generator, dtype=torch.float64).to(dev)
+    return v / v.norm(dim=-2, keepdim=True)
+
+
 def _gkl(matvec, rmatvec, v, k: int, cap: int, tol: float, generator, first: int, every) -> torch.Tensor:
     """Top-k Ritz values [*L, k] of a batch of operators by Golub–Kahan–Lanczos bidiagonalization.
 
     v [*L, S, 1]: unit start vectors. Each iteration costs one J v and one Jᵀ u over the whole batch,
-    reorthogonalized in full against the earlier vectors (classical Gram–Schmidt, twice; the bases
-    are kept as rows so that every projection is one batched GEMV). The Ritz values are the singular
+    reorthogonalized in full against the earlier vectors (classical Gram–Schmidt, a second pass only
+    where the first removed most of the vector; the bases are kept as rows so that every projection
+    is one batched GEMV). The Ritz values are the singular
     values of the j×j upper bidiagonal (α on the diagonal, β above): each increases to its σ_i(J)
     (interlacing) and all are exact once j reaches S. A breakdown (β or α below 1e-12 of the largest
     α so far: an invariant subspace, as for a masked identity step, an orthogonal J or a rank-deficient
@@ -491,7 +496,5 @@ def largest_singular_value(op, *, iterations: int = 12, tol: float = 1e-6, seed:
     out = []
     for a in range(0, T, chunk):
         sub = op.select(slice(a, min(T, a + chunk)))
-        v = torch.randn(sub.shape[0], B, S, 1, generator=g, dtype=torch.float64).to(dev)
-        v = v / v.norm(dim=-2, keepdim=True)
-        out.append(_gkl(sub.matvec, sub.rmatvec, v, 1, iterations, tol, g, 1, lambda j: 1)[..., 0].cpu())
+        out.append(_gkl(sub.matvec, sub.rmatvec, _unit_start(sub.shape[0], B, S, g, dev), 1, iterations, tol, g, 1, lambda j: 1)[..., 0].cpu())
     return torch.cat(out)

@@ -29,11 +29,7 @@ def _gate_scaled(w: torch.Tensor) -> torch.Tensor:
     The backward's d_gates holds dL/da ⊙ R, R = [1/2, 1, 1/4, 1] by gate block (i, f, g, o), and
     multiplies it by weights scaled so: that saves two elementwise passes in ``_factors`` and is exact
     (powers of two)."""
-    H = w.shape[0] // 4
-    out = w.clone()
-    out[:H].mul_(2.0)
-    out[2 * H: 3 * H].mul_(4.0)
-    return out
+    return _gate_scale_(w.clone())
 
 
 def _gate_scale_(g: torch.Tensor) -> torch.Tensor:
