@@ -70,18 +70,7 @@ class Profile:
 def _quantiles(rows: np.ndarray) -> np.ndarray:
     """Linear quantiles of each row of ``rows`` [D, n] ignoring NaN; -inf (a zero gradient) sorts
     first and a quantile touching it is -inf. -> [D, 5] (NaN for an empty row)."""
-    v = np.sort(rows, axis=1)  # NaN last, -inf first
-    n = np.sum(~np.isnan(v), axis=1)
-    out = np.full((v.shape[0], len(QUANTILES)), np.nan)
-    for j, q in enumerate(QUANTILES):
-        pos = q * np.maximum(n - 1, 0)
-        lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
-        r = np.arange(v.shape[0])
-        a, b = v[r, lo], v[r, hi]
-        with np.errstate(invalid="ignore"):
-            val = np.where(np.isneginf(a), -np.inf, a + (b - a) * (pos - lo))
-        out[:, j] = np.where(n > 0, val, np.nan)
-    return out
+    return _util.row_quantiles(rows, QUANTILES)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def _stats(v: np.ndarray) -> np.ndarray:
     if has.any():
         w = v[has]
         out[has, 0] = np.nanmean(w, 1)
-        out[has, 1:] = np.nanquantile(w, [0.25, 0.5, 0.75], axis=1).T
+        out[has, 1:] = _util.row_quantiles(w, (0.25, 0.5, 0.75))
     return out
 
 

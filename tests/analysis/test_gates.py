@@ -92,3 +92,20 @@ def test_cells_without_gates(kind):
     tr, key, _ = h.make_trace(kind)
     with pytest.raises(GradflowError, match="no gates"):
         gate_statistics(tr, key)
+
+
+@pytest.mark.parametrize("n,nan_fraction", [(1, 0.0), (7, 0.3), (64, 0.0), (64, 0.9), (500, 0.5)])
+def test_row_statistics_equal_numpys_nan_quantiles(n, nan_fraction):
+    """The one-sort quantiles of gate rows equal np.nanmean / np.nanquantile, rows all NaN included."""
+    from gradflow.analysis.gates import _stats
+
+    rng = np.random.default_rng(n)
+    v = rng.normal(size=(12, n))
+    v[rng.random(v.shape) < nan_fraction] = np.nan
+    v[3] = np.nan  # a step with no valid entry
+    got = _stats(v)
+    assert np.isnan(got[3]).all()
+    ok = ~np.isnan(v).all(1)
+    with np.errstate(all="ignore"):
+        want = np.column_stack([np.nanmean(v[ok], 1), np.nanquantile(v[ok], [0.25, 0.5, 0.75], axis=1).T])
+    np.testing.assert_allclose(got[ok], want, rtol=1e-13, atol=1e-15)
