@@ -24,6 +24,14 @@ def promoted(x, params, prev, dtype=None):
     return dtype
 
 
+def rows_matmul(R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """R [..., n] @ W [n, m] as one GEMM over every leading dim. ``torch.matmul`` folds the leading
+    dims only when they flatten to a view; otherwise (e.g. ``V.mT`` of a [.., S, 1] block, whose
+    size-1 dim has stride 1) it runs a batched product that reads W once per row: 450 ms instead of
+    47 ms for 1000 rows of an LSTM's W_hh [2048, 512] in float64. ``reshape`` copies R only then."""
+    return R.reshape(-1, R.shape[-1]).mm(W).view(*R.shape[:-1], W.shape[-1])
+
+
 def preactivations(params, x, h, dtype):
     """(W_ih x + b_ih, W_hh h + b_hh) for all steps: one GEMM each over the flattened [T*B] rows,
     the bias added by the GEMM itself (no second pass over a fresh [T, B, G*H] buffer)."""

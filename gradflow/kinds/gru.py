@@ -16,7 +16,7 @@ from torch import nn
 from ._once import once_differentiable
 
 from . import _kernel as K
-from ._gated import GatedKind, preactivations, promoted
+from ._gated import GatedKind, preactivations, promoted, rows_matmul
 
 
 class GRURecurrence(torch.autograd.Function):
@@ -210,8 +210,8 @@ class GRUKind(GatedKind):
         c3 = c["c3"].unflatten(-1, (3, H))
         if transpose:  # Jᵀu = z u + [c_r u, c_z u, c_n u] W
             X = (c3 * R.unsqueeze(-2)).flatten(-2)
-            return (X @ W).addcmul_(c["z"], R)
-        A = (R @ W.T).unflatten(-1, (3, H)).mul_(c3)  # J v = z v + Σ_gates c_gate (W_gate v)
+            return rows_matmul(X, W).addcmul_(c["z"], R)
+        A = rows_matmul(R, W.T).unflatten(-1, (3, H)).mul_(c3)  # J v = z v + Σ_gates c_gate (W_gate v)
         return A.sum(-2).addcmul_(c["z"], R)
 
     def dense(self, lin, out):

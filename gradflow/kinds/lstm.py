@@ -21,7 +21,7 @@ from ._once import once_differentiable
 
 from ..errors import TaskError
 from . import _kernel as K
-from ._gated import GatedKind, preactivations, promoted
+from ._gated import GatedKind, preactivations, promoted, rows_matmul
 
 
 def _gate_scaled(w: torch.Tensor) -> torch.Tensor:
@@ -295,7 +295,7 @@ class LSTMKind(GatedKind):
         P = R.shape[-1] - H
         k4 = c["k4"].unflatten(-1, (4, H))
         if transpose:
-            um = R[..., :P] @ Wr if Wr is not None else R[..., :P]
+            um = rows_matmul(R[..., :P], Wr) if Wr is not None else R[..., :P]
             uc = torch.addcmul(R[..., P:], c["k_c"], um)
             ga = torch.empty(*lead, 4, H, dtype=R.dtype, device=R.device)
             torch.mul(k4[..., :3, :], uc.unsqueeze(-2), out=ga[..., :3, :])
@@ -304,12 +304,12 @@ class LSTMKind(GatedKind):
             torch.matmul(ga.flatten(-2), W, out=out[..., :P])
             torch.mul(c["f"], uc, out=out[..., P:])
             return out
-        A = (R[..., :P] @ W.T).unflatten(-1, (4, H)).mul_(k4)
+        A = rows_matmul(R[..., :P], W.T).unflatten(-1, (4, H)).mul_(k4)
         out = torch.empty(*lead, R.shape[-1], dtype=R.dtype, device=R.device)
         dc = torch.sum(A[..., :3, :], -2, out=out[..., P:]).addcmul_(c["f"], R[..., P:])
         dm = torch.addcmul(A[..., 3, :], c["k_c"], dc)
         if Wr is not None:
-            torch.matmul(dm, Wr.T, out=out[..., :P])
+            out[..., :P] = rows_matmul(dm, Wr.T)
         else:
             out[..., :P] = dm
         return out

@@ -14,7 +14,7 @@ from ._once import once_differentiable
 
 from ..errors import UnsupportedModuleError
 from . import _kernel as K
-from ._gated import GatedKind, preactivations, promoted
+from ._gated import GatedKind, preactivations, promoted, rows_matmul
 
 
 class RNNRecurrence(torch.autograd.Function):
@@ -142,7 +142,7 @@ class RNNKind(GatedKind):
         d = (lin.coef if coef is None else coef)["d"]
         d = d.unsqueeze(-2) if unsqueeze else d
         W = lin.weights["weight_hh"]
-        return (d * R) @ W if transpose else d * (R @ W.T)
+        return rows_matmul(d * R, W) if transpose else d * rows_matmul(R, W.T)
 
     def apply_rows(self, lin, R, k, transpose, full, out=None):
         if not full or out is None:
