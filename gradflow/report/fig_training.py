@@ -59,7 +59,9 @@ def fig_gates(gates: pd.DataFrame, *, target: Callable | None = None):
     with styled():
         f = new_figure(PAGE_WIDTH, 0.7 + 2.0 * len(series), target)
         axes = f.subplots(len(series), ncols, squeeze=False, sharex=True)
-        title_w = f.bbox.width / f.figure.dpi / ncols - 0.1
+        # a title starts at its axes' left edge, right of the y tick labels (~0.45 in), and must end
+        # inside the column (the last column's would otherwise run off the page)
+        title_w = f.bbox.width / f.figure.dpi / ncols - 0.5
         for i, (run, key) in enumerate(series):
             s = gates[(gates["run"] == run) & (gates["key"] == key)]
             gl = ordered(s["gate"])
