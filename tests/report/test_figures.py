@@ -254,7 +254,7 @@ def test_gate_labels_come_from_the_cell_kind():
                 rows.append({"run": run, "key": "rnn/l0/d0/h", "gate": g, "t": t, "token_class": "all",
                              "mean": 0.5, "q25": 0.4, "q50": 0.5, "q75": 0.6})
     fig = fig_gates(pd.DataFrame(rows))
-    titles = " | ".join(axes_by_title(fig))
+    titles = " | ".join(t.replace("\n", " ") for t in axes_by_title(fig))  # wrapped to the panel width
     assert "update gate z" in titles and "update gate z (1 = take the candidate)" in titles
     assert "forget gate f′ = f/(f+i)" in titles and "reset gate r" in titles
 
