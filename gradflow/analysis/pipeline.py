@@ -101,8 +101,10 @@ def plan_trace(trace: Trace, config=None) -> dict[str, Plan]:
         T, B = trace.shape(k)
         S = _util.joint_size(trace.cell(k))
         warm = min(cfg.warmup, max(T - 2, 0))
-        out[str(k)] = plan_unit(str(k), S=S, T=T, B=min(B, cfg.batch_limit), structure=kinds.get(trace.cell(k).kind).structure,
-                                config=cfg, lyapunov=cfg.lyapunov and T - warm >= 2)
+        kind = kinds.get(trace.cell(k).kind)
+        mv = kind.impl.matvec_flops(trace.cell(k)) if kind.structure == "dense" else None
+        out[str(k)] = plan_unit(str(k), S=S, T=T, B=min(B, cfg.batch_limit), structure=kind.structure,
+                                config=cfg, lyapunov=cfg.lyapunov and T - warm >= 2, matvec_flops=mv)
     return out
 
 

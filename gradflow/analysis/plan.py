@@ -163,9 +163,11 @@ def _fit(cost: float, B: int, budget: float) -> int:
 
 
 def plan_unit(unit: str, *, S: int, T: int, B: int, structure: str, config: AnalysisConfig,
-              products: bool | None = None, lyapunov: bool | None = None) -> Plan:
+              products: bool | None = None, lyapunov: bool | None = None,
+              matvec_flops: float | None = None) -> Plan:
     """The :class:`Plan` of one unit (see the module docstring); ``products`` / ``lyapunov``
-    override ``config`` (e.g. a run too short for Lyapunov exponents)."""
+    override ``config`` (e.g. a run too short for Lyapunov exponents); ``matvec_flops``: the cost of
+    one closed-form J v of the unit's kind (default 2·S², a dense product's)."""
     from .topk import oversampled
 
     if S < 1 or T < 1 or B < 1:
@@ -180,7 +182,7 @@ def plan_unit(unit: str, *, S: int, T: int, B: int, structure: str, config: Anal
     else:
         route, k = "top-k", cfg.k
     svd = 10.0 * S ** 3  # one dense factorisation
-    mv = 2.0 * S * S  # one J v (closed form; the dense product's count)
+    mv = 2.0 * S * S if matvec_flops is None else float(matvec_flops)  # one J v (closed form)
     if route == "exact":
         steps = tuple(range(T))
     elif T * B * svd <= _CHEAP_FLOPS:

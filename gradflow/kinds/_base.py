@@ -156,6 +156,11 @@ class KindImpl:
         """Whether a Lyapunov sweep of k directions should form each J_t and multiply densely."""
         return False
 
+    def matvec_flops(self, cell) -> float | None:
+        """Flops of one closed-form J v (or Jᵀ u) of ``cell``, for the analysis plan's cost estimates;
+        None: about a dense product's 2·S² (the LSTM's and the tanh RNN's closed forms cost that)."""
+        return None
+
     def gates(self, cell, params, x, prev, dtype) -> dict[str, torch.Tensor]:
         """Gate activations of every step, each [T, B, H], for the kind's gate names."""
         return {}

@@ -221,6 +221,10 @@ class GRUKind(GatedKind):
         out.addcmul_(c[..., H:2 * H, :], W[H:2 * H]).addcmul_(c[..., 2 * H:, :], W[2 * H:])
         out.diagonal(dim1=-2, dim2=-1).add_(lin.coef["z"])
 
+    def matvec_flops(self, cell):
+        """J v reads all three gate blocks of W_hh [3H, H]: 6·H² flops, three times a dense product's."""
+        return 6.0 * cell.hidden_size ** 2
+
     def dense_sweep(self, k, S):
         """A J v costs a GEMM with all three gate blocks of W_hh (3H columns): once the frame has more
         than S/3 columns, forming each J_t (vectorised over steps) and one batched J Q is cheaper."""

@@ -82,3 +82,27 @@ def test_distribution_steps(T, n, expect):
 
 def test_log_distances():
     assert log_distances(1) == (1,) and log_distances(500)[0] == 1 and log_distances(500)[-1] == 500
+
+
+def test_the_kinds_matvec_cost_sets_the_sequences():
+    """A GRU's J v reads all three gate blocks of W_hh (6·H² flops, three times the default 2·S²):
+    the budget then affords fewer sequences, and plan_trace passes the kind's own cost."""
+    import torch
+    from torch import nn
+
+    import gradflow
+    from gradflow.analysis import plan_trace
+
+    S, T, B = 256, 500, 16
+    plain = plan_unit("m/l0/d0/h", S=S, T=T, B=B, structure="dense", config=D)
+    gru = plan_unit("m/l0/d0/h", S=S, T=T, B=B, structure="dense", config=D, matvec_flops=6.0 * S * S)
+    # Lanczos σ_max over one sequence: T·(2·12·mv + 4·S·12²) flops against T·WORK_FLOPS
+    assert (plain.b_spectra, gru.b_spectra) == (16, 12)
+    assert gru.b_products <= plain.b_products and gru.b_lyapunov <= plain.b_lyapunov
+    torch.manual_seed(0)
+    m = nn.GRU(3, S)
+    with gradflow.record(m, keep="states") as rec:
+        out, _ = m(torch.randn(6, B, 3))
+        out.sum().backward()
+    p = next(iter(plan_trace(rec.trace, D).values()))
+    assert p.b_spectra == 12
