@@ -149,7 +149,7 @@ class RNNKind(GatedKind):
             return None
         d = lin.coef["d"][k]  # one scaling and one GEMM, written in place
         W = lin.weights["weight_hh"]
-        tmp = d * R if transpose else R.reshape(-1, R.shape[-1]).matmul(W.T).view(R.shape)
+        tmp = d * R if transpose else rows_matmul(R, W.T)
         if transpose:
             torch.mm(tmp.view(-1, R.shape[-1]), W, out=out.view(-1, R.shape[-1]))
         else:
