@@ -8,7 +8,7 @@ QR propagation (Benettin): ``J[k] Q_{k-1} = Q_k R_k`` with Q_0 = I, so that
 ``R_d ⋯ R_1 = diag(e^ℓ) N`` (rows of N have unit max-norm), updated as a log-sum-exp product so that
 nothing overflows or underflows however long the distance. Singular values of P_d are those of
 that triangle: an SVD of ``diag(e^{ℓ-max ℓ}) N`` when they all lie within 1e-7 of σ_1, else a graded
-refinement (unshifted QR iteration on the scaled triangle, then per-cluster SVDs at each cluster's
+refinement (unshifted QR iteration on the scaled triangle, then per-block SVDs at each decoupled block's
 own scale; see ``_log_svd``) that keeps every rank to float64 relative accuracy.
 
 Lyapunov exponents λ_i = lim (1/n) Σ_k ln|(R_k)_ii| (natural log per step), sorted descending. Several
@@ -99,16 +99,56 @@ def _scaled_product(R, ell, N):
 
 
 _RELIABLE = 1e-7  # a float64 SVD gives σ_i to ~eps·σ_1/σ_i relative: trusted down to this ratio
-_CLUSTER = 2.0  # ranks whose ln σ differ by less than this are resolved together by an SVD
+# Two groups of ranks are decoupled when every entry of N coupling them is at most this: then
+# diag(e^ℓ) N = blockdiag(blocks) (I + E) with ‖E‖ of that order, so each σ_i is that of its block
+# to a relative 1 ± ‖E‖ (multiplicative perturbation), and each block is resolved at its own scale.
+_DECOUPLED = 1e-15
+_NARROW = math.log(1.0 / _RELIABLE) - 2.0  # ln-spread of a block one SVD resolves with margin
 
 
-def _graded_step(ell, N, eye):
+def _graded_step(ell, N):
     """One exact step: sort rows by ℓ; Nᵀ = QR; continue with R diag(e^ℓ) in row-scaled form."""
     order = ell.argsort(-1, descending=True)
     ell = ell.gather(-1, order)
     N = N.gather(-2, order[..., None].expand_as(N))
     R = torch.linalg.qr(N.mT, mode="r").R
-    return _scaled_product(R, ell, eye)
+    return _scale_columns(R, ell)
+
+
+def _scale_columns(R, ell):
+    """R diag(e^ℓ) as (ℓ', N') with rows of N' of unit max-norm, for R [.., m, m] upper triangular and
+    ℓ descending (the state of :func:`_graded_step`): row i of R diag(e^{ℓ-ℓ_i}) has the factors
+    e^{ℓ_j-ℓ_i} ≤ 1 at j ≥ i, so it is formed directly, without logarithms of R. (A factor below
+    e^-745 flushes to 0: an entry that small against its row's own scale.) -inf in ℓ: a dead row."""
+    d = ell[..., None, :] - ell[..., :, None]
+    d = torch.nan_to_num(d, nan=-math.inf).clamp_(max=0.0)  # j < i (R_ij = 0); -inf - -inf: a dead row
+    W = d.exp_().mul_(R)
+    r = W.abs().amax(-1)
+    ok = r > 0
+    N2 = W.div_(torch.where(ok, r, torch.ones_like(r))[..., None])
+    ell2 = torch.where(ok, ell + torch.log(torch.where(ok, r, torch.ones_like(r))), torch.full_like(r, -math.inf))
+    return ell2, N2
+
+
+def _coupling(N):
+    """[.., m] the largest |N_ij| with i < p ≤ j, for every split p (0 at p = 0): how strongly the rows
+    above a split reach the columns from it on, for N upper triangular."""
+    A = N.abs()
+    suffix = A.flip(-1).cummax(-1).values.flip(-1)  # [.., i, p] = max_{j ≥ p} |N_ij|
+    return suffix.triu(1).amax(-2)  # rows i < p only
+
+
+def _blocks(coupling, diag):
+    """(starts [.., m] bool: a block begins at p; narrow [..] bool: every block's finite diagonal
+    spreads less than _NARROW, so one SVD per block resolves all its ranks)."""
+    starts = coupling <= _DECOUPLED
+    starts[..., 0] = True
+    bid = starts.cumsum(-1) - 1  # block index of each rank
+    fin = torch.isfinite(diag)
+    hi = torch.full_like(diag, -math.inf).scatter_reduce(-1, bid, torch.where(fin, diag, -math.inf), "amax")
+    lo = torch.full_like(diag, math.inf).scatter_reduce(-1, bid, torch.where(fin, diag, math.inf), "amin")
+    spread = torch.where(hi >= lo, hi - lo, torch.zeros_like(hi))
+    return starts, (spread < _NARROW).all(-1)
 
 
 def _log_svd(ell, N, max_iter: int = 60, tol: float = 1e-13):
@@ -117,16 +157,22 @@ def _log_svd(ell, N, max_iter: int = 60, tol: float = 1e-13):
     Fast path: one SVD of diag(e^{ℓ-max ℓ}) N when every σ_i ≥ 1e-7·σ_1. Otherwise, graded
     refinement: repeated exact steps (sort rows by ℓ, Nᵀ = QR, continue with R diag(e^ℓ) — same
     singular values, since column scaling commutes with QR) are unshifted QR iteration, which
-    shrinks the coupling of ranks i < j by e^{-(ln σ_i - ln σ_j)} per step. Once the diagonal has
-    converged, ranks are grouped into clusters whose ln σ are within 2 of a neighbour; each cluster
-    is resolved by an SVD of its own diagonal block at its own scale (ranks it cannot resolve keep
-    the converged diagonal)."""
+    shrinks the coupling of ranks i < j by e^{-(ln σ_i - ln σ_j)} per step. The ranks fall into
+    blocks whose mutual coupling in N is at most 1e-15 (each σ_i is then its block's to that
+    relative accuracy); each item stops as soon as every block is narrow enough (ln-spread below
+    ln 1e7 − 2) for one SVD at the block's own scale, or its diagonal has converged, or after
+    ``max_iter`` steps. Each block is then resolved by an SVD at its own scale (ranks it cannot
+    resolve keep the converged diagonal)."""
     out = _log_svd_rows(ell, N, max_iter, tol)
     # r rows of exactly zero scale (an exactly singular step) leave rank ≤ m − r: those σ are exactly 0,
     # not the rounding noise an SVD of the remaining rows would give them
     dead = torch.isneginf(ell).sum(-1, keepdim=True)
     rank = torch.arange(ell.shape[-1], device=ell.device)
     return torch.where(rank >= ell.shape[-1] - dead, torch.full((), -math.inf, dtype=out.dtype, device=out.device), out)
+
+
+def _diagonal(ell, N):
+    return ell + _logabs(N.diagonal(dim1=-2, dim2=-1))
 
 
 def _log_svd_rows(ell, N, max_iter, tol):
@@ -138,30 +184,37 @@ def _log_svd_rows(ell, N, max_iter, tol):
     if not bool(need.any()):
         return out
     ell, N = ell[need], N[need]
-    eye = torch.eye(N.shape[-1], dtype=N.dtype, device=N.device).expand_as(N)
-    diag = None
+    n = ell.shape[0]
+    diag = torch.full_like(ell, math.nan)
+    starts = torch.ones_like(ell, dtype=torch.bool)
+    active = torch.arange(n, device=ell.device)  # items still iterating
+    a_ell, a_N, a_diag = ell, N, None
     for _ in range(max_iter):
-        ell, N = _graded_step(ell, N, eye)
-        new = ell + _logabs(N.diagonal(dim1=-2, dim2=-1))
-        if diag is not None:
-            both = torch.isfinite(new) & torch.isfinite(diag)
-            change = torch.where(both, (new - diag).abs(), torch.zeros_like(new)).amax()
-            if float(change) <= tol and bool((torch.isfinite(new) == torch.isfinite(diag)).all()):
-                diag = new
-                break
-        diag = new
+        a_ell, a_N = _graded_step(a_ell, a_N)
+        new = _diagonal(a_ell, a_N)
+        a_starts, narrow = _blocks(_coupling(a_N), new)
+        done = narrow
+        if a_diag is not None:
+            both = torch.isfinite(new) & torch.isfinite(a_diag)
+            change = torch.where(both, (new - a_diag).abs(), torch.zeros_like(new)).amax(-1)
+            done = done | ((change <= tol) & (torch.isfinite(new) == torch.isfinite(a_diag)).all(-1))
+        ell[active], N[active], diag[active], starts[active] = a_ell, a_N, new, a_starts
+        keep = ~done
+        if not bool(keep.any()):
+            break
+        active, a_ell, a_N, a_diag = active[keep], a_ell[keep], a_N[keep], new[keep]
     res = diag.clone()
-    for i in range(diag.shape[0]):
-        d = diag[i]
-        gaps = (d[:-1] - d[1:]).abs()
-        cut = [0] + [j + 1 for j in torch.nonzero(~(gaps < _CLUSTER)).flatten().tolist()] + [d.numel()]
+    for i in range(n):
+        cut = torch.nonzero(starts[i]).flatten().tolist() + [diag.shape[-1]]
         for a, b in zip(cut[:-1], cut[1:]):
-            if b - a < 2 or not bool(torch.isfinite(ell[i, a:b]).all()):
+            if b - a < 2:
                 continue
             m = ell[i, a:b].amax()
+            if not bool(torch.isfinite(m)):
+                continue
             csv = torch.linalg.svdvals(torch.exp(ell[i, a:b] - m)[:, None] * N[i, a:b, a:b])
             ok = csv >= _RELIABLE * csv[0]
-            block = d[a:b].sort(descending=True).values
+            block = diag[i, a:b].sort(descending=True).values
             res[i, a:b] = torch.where(ok, torch.log(csv) + m, block)
     out[need] = res.sort(-1, descending=True).values
     return out

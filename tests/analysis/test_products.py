@@ -89,6 +89,25 @@ def test_graded_long_products_keep_every_rank(lam, seed):
     assert torch.allclose(ls[:, 0], want, rtol=1e-10, atol=1e-10)
 
 
+def test_graded_refinement_stops_only_when_every_rank_is_resolved(monkeypatch):
+    """An LSTM's product over 40 steps (S=96; ln σ from -3 down to -316, many ranks closer than 1 in
+    ln σ): the refinement's early stop (decoupled, narrow blocks) gives every rank of the unshifted QR
+    iteration run until its diagonal no longer moves (1e-15, up to 5000 steps). The earlier stop at
+    60 steps with clusters cut at gaps of the unconverged diagonal was 4e-6 off here."""
+    from gradflow.analysis import products
+
+    tr, key, _ = h.make_trace("lstm", T=40, B=2, H=48, F=8, seed=1)
+    got = product_spectrum(tr, key, distances=[10, 40])
+    log_svd = products._log_svd
+    monkeypatch.setattr(products, "_NARROW", -1.0)  # never narrow: stop on the converged diagonal only
+    monkeypatch.setattr(products, "_log_svd", lambda ell, N: log_svd(ell, N, max_iter=5000, tol=1e-15))
+    want = product_spectrum(tr, key, distances=[10, 40])
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    fin = torch.isfinite(want)
+    assert float(want[fin].min()) < -300
+    assert float((got - want)[fin].abs().max()) <= 1e-10
+
+
 def test_masked_steps_are_identity_and_not_counted():
     d = torch.tensor([0.5, 2.0], dtype=h.DT)
     tr, key, _ = linear_trace(torch.diag(d), T=12, B=2, lengths=[12, 5])
