@@ -115,6 +115,24 @@ def _agree(a, b, tol: float) -> bool:
     return not bool(both.any()) or float((a - b)[both].abs().max()) <= tol
 
 
+_ERR = 1e-9  # bound on the error (in ln σ) of an estimate declared settled by _settled
+
+
+def _settled(ef, eb, k: int, tol: float) -> bool:
+    """Two successive subspace-iteration estimates ef, eb [B, m] (descending) have settled: the top k
+    agree to ``tol``, and the error they imply stays below _ERR. Each pass shrinks the error by
+    ρ² = (σ_m/σ_k)² (the frame's own ratio, an upper bound on σ_{m+1}/σ_k), so estimates that moved
+    by Δ are about Δ/(1 − ρ²) from their limit: on a flat spectrum (ρ ≈ 1) they move by less than
+    ``tol`` per pass while still as far from σ as the spread of the spectrum."""
+    if not _agree(ef[:, :k], eb[:, :k], tol):
+        return False
+    both = torch.isfinite(ef[:, :k]) & torch.isfinite(eb[:, :k])
+    diff = torch.where(both, (ef[:, :k] - eb[:, :k]).abs(), torch.zeros_like(ef[:, :k])).amax(-1)
+    gap = ef[:, k - 1] - ef[:, -1]
+    rate = torch.where(torch.isfinite(gap), -torch.expm1(-2.0 * gap), torch.ones_like(gap))
+    return bool((diff <= _ERR * rate).all())
+
+
 def _batched_pass(op, frames, lengths, start: int, transpose: bool, valid_of):
     """:func:`qr_pass` of every distance at once: frames [A, B, S, m], frame i carried through steps
     start..start+lengths[i]-1 (``transpose``: Jᵀ from the last of them down). ``lengths`` increase, so
@@ -142,7 +160,7 @@ def _batched_pass(op, frames, lengths, start: int, transpose: bool, valid_of):
 def _finish(op, steps, valid_of, U, V, ef, eb, k: int, tol: float, generator):
     """ln σ_1..k of P = J[steps[-1]] ⋯ J[steps[0]] [B, k] after a first round of subspace iteration gave
     V (start frame), U (end frame) and the estimates eb, ef (see the module docstring)."""
-    if _agree(ef[:, :k], eb[:, :k], tol):
+    if _settled(ef, eb, k, tol):
         return ef[:, :k]
     rev = steps[::-1]
     spread = float((ef[:, 0] - ef[:, k - 1]).max()) + math.log(len(steps))
@@ -201,7 +219,7 @@ def product_topk(op, ds: list[int], start: int, k: int, mask, dev, *, tol: float
             ef, eb = efa.clone(), eba.clone()
         V[act], U[act], ef[act], eb[act] = Va, Ua, efa, eba
         for n, i in enumerate(act):
-            done[i] = _agree(efa[n, :, :k], eba[n, :, :k], tol)
+            done[i] = _settled(efa[n], eba[n], k, tol)
     out = [ef[i, :, :k] if done[i] else
            _finish(op, list(range(start, start + d)), valid_of, U[i], V[i], ef[i], eb[i], k, tol, g)
            for i, d in enumerate(ds)]
