@@ -227,9 +227,8 @@ def _on(op, device, fn):
     return on_device(op.to(torch.float64), dev), dev
 
 
-@_util.single_threaded
 def product_singular_values(J, *, distances=None, start: int = 0, mask=None, k: int | None = None,
-                            device=None, tol: float = 1e-11) -> torch.Tensor:
+                            device=None, tol: float = 1e-11, threads: int | None = None) -> torch.Tensor:
     """ln σ_i(P_d) for each requested distance -> [len(distances), B, S] (or [.., k]) float64 (CPU), descending.
 
     J: explicit Jacobians [T, B, S, S] or a Linearization, in step order; distances: increasing ints
@@ -238,7 +237,17 @@ def product_singular_values(J, *, distances=None, start: int = 0, mask=None, k: 
     k: only the k largest, matrix-free (k-column frames carried with QR, subspace iteration and a
     block Krylov at short distances: :mod:`gradflow.analysis.topk`); None: all S (a full frame).
     Diagonal structures are exact per unit either way. device: where to compute (default: the
-    operator's device when it is CUDA, else CPU); tol: convergence of the top-k route (ln σ, absolute)."""
+    operator's device when it is CUDA, else CPU); tol: convergence of the top-k route (ln σ, absolute);
+    threads: the full-frame route sweeps the batch items in this many groups in parallel, each with
+    one intra-op thread (default as :func:`lyapunov_exponents`: torch's intra-op thread count, at
+    most the cores, fewer while a group's step would cost under ~2 Mflop). Other routes run on one
+    intra-op thread."""
+    outer = torch.get_num_threads()
+    with _util.intra_op_threads(1):
+        return _product_singular_values(J, distances, start, mask, k, device, tol, threads, outer)
+
+
+def _product_singular_values(J, distances, start, mask, k, device, tol, threads, outer) -> torch.Tensor:
     op, dev = _on(J, device, "product_singular_values")
     T, B, S = op.shape
     mask = _util.check_mask(mask, T, B, "product_singular_values")
@@ -259,18 +268,36 @@ def product_singular_values(J, *, distances=None, start: int = 0, mask=None, k: 
     if k is not None and oversampled(k, S) < S:
         return product_topk(op, ds, start, k, mask, dev, tol=tol).cpu()
     mask = None if mask is None else mask.to(dev)
-    Q = torch.eye(S, dtype=torch.float64, device=dev).expand(B, S, S).clone()
-    ell = torch.zeros(B, S, dtype=torch.float64, device=dev)
-    N = Q.clone()
-    out, want = [], set(ds)
-    for d in range(1, ds[-1] + 1):
-        j = start + d - 1
-        Zr = _rows(op, Q.permute(2, 0, 1).contiguous(), j, None if mask is None else mask[j])
-        Q, R = _qr(Zr.permute(1, 2, 0))
-        ell, N = _scaled_product(R, ell, N)
-        if d in want:
-            out.append(_log_svd(ell, N))
-    out = torch.stack(out)
+    if threads is None:
+        threads = min(outer, os.cpu_count() or 1, max(1, B * S ** 3 // _THREAD_FLOPS))
+    threads = max(1, min(_util.positive_int(threads, "threads", "product_singular_values"), B))
+    if getattr(op, "step", None) is not None or dev.type != "cpu":
+        threads = 1  # torch.func's forward-AD levels are per process, not per thread; one stream on a GPU
+    want = set(ds)
+
+    def chain(idx):
+        sub = op if idx is None else op.select_batch(idx.to(dev))
+        m = None if mask is None else (mask if idx is None else mask[:, idx.to(dev)])
+        b = B if idx is None else idx.numel()
+        Q = torch.eye(S, dtype=torch.float64, device=dev).expand(b, S, S).clone()
+        ell = torch.zeros(b, S, dtype=torch.float64, device=dev)
+        N = Q.clone()
+        out = []
+        for d in range(1, ds[-1] + 1):
+            j = start + d - 1
+            Zr = _rows(sub, Q.permute(2, 0, 1).contiguous(), j, None if m is None else m[j])
+            Q, R = _qr(Zr.permute(1, 2, 0))
+            ell, N = _scaled_product(R, ell, N)
+            if d in want:
+                out.append(_log_svd(ell, N))
+        return torch.stack(out)
+
+    if threads == 1:
+        out = chain(None)
+    else:
+        groups = [idx for idx in torch.arange(B).tensor_split(threads) if idx.numel()]
+        with ThreadPoolExecutor(len(groups)) as ex:
+            out = torch.cat(list(ex.map(chain, groups)), dim=1)
     return (out if k is None else out[..., :k]).cpu()
 
 
@@ -517,7 +544,7 @@ def _trace_steps(trace: Trace, key, device, fn: str):
 
 
 def product_spectrum(trace: Trace, key, *, distances=None, start: int = 0, k: int | None = None,
-                     device=None) -> torch.Tensor:
+                     device=None, threads: int | None = None) -> torch.Tensor:
     """ln σ_i(∂s_{k+d-1}/∂s_{k-1}) of the joint state of ``key``'s unit, k = ``start`` in processing
     order (step 0 is position 0 for direction 0, position T-1 for direction 1) -> [len(distances), B,
     S] (or the top ``k``, matrix-free) float64, descending. Only the steps the products cover are
@@ -530,7 +557,8 @@ def product_spectrum(trace: Trace, key, *, distances=None, start: int = 0, k: in
     if not ds or ds != sorted(set(ds)) or ds[0] < 1 or ds[-1] > T - start:
         raise GradflowError(f"product_spectrum: distances must be increasing ints in 1..{T - start}, got {ds[:6]}")
     stop = start + ds[-1]
-    return product_singular_values(get(start, stop), distances=ds, mask=mask[start:stop], k=k, device=dev)
+    return product_singular_values(get(start, stop), distances=ds, mask=mask[start:stop], k=k, device=dev,
+                                   threads=threads)
 
 
 def lyapunov_spectrum(trace: Trace, key, *, warmup: int = 0, k: int | None = None, blocks: int = 8,

@@ -178,6 +178,22 @@ def test_lyapunov_batch_groups_in_parallel_equal_one_sweep(kind):
     torch.testing.assert_close(lyapunov_exponents(J, threads=2).exponents, lyapunov_exponents(J, threads=1).exponents)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_products_batch_groups_in_parallel_equal_one_chain(kind):
+    """The full-frame products sweep batch items in thread groups: each item's spectrum at every
+    distance equals the single chain's (masked steps included); explicit Jacobians too."""
+    tr, key, _ = h.make_trace(kind, T=30, B=5, lengths=[30, 21, 30, 15, 9], seed=3)
+    one = product_spectrum(tr, key, distances=[1, 5, 30], threads=1)
+    par = product_spectrum(tr, key, distances=[1, 5, 30], threads=3)
+    assert torch.equal(torch.isfinite(one), torch.isfinite(par))
+    torch.testing.assert_close(par, one, rtol=0, atol=1e-12)
+    J = torch.randn(20, 4, 6, 6, dtype=torch.float64) * 0.7
+    torch.testing.assert_close(product_singular_values(J, threads=2), product_singular_values(J, threads=1),
+                               rtol=0, atol=1e-12)
+    with pytest.raises(GradflowError, match="threads"):
+        product_singular_values(J, threads=0)
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm", "rnn_tanh"])
 @pytest.mark.parametrize("dense_elems", [1 << 21, 40])  # 40: the dense route forms one step at a time
 def test_lyapunov_of_a_linearization_equals_that_of_its_dense_jacobians(kind, dense_elems, monkeypatch):
