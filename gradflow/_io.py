@@ -279,6 +279,16 @@ def write_csv(path: Path, frame) -> None:
     write_text(path, frame.to_csv(index=False, float_format="%.17g"))
 
 
+def exact_float_options() -> dict:
+    """Keyword arguments of ``pandas.read_csv`` that parse every float64 exactly: pandas 2's default
+    parser may be 1 ulp off, so it gets ``float_precision="round_trip"``; from pandas 3 the default is
+    exact and that argument is deprecated (a warning on every read, an error in pandas 4)."""
+    import pandas as pd
+
+    major = int(pd.__version__.split(".", 1)[0])
+    return {"float_precision": "round_trip"} if major < 3 else {}
+
+
 def read_csv(path: Path):
     import pandas as pd
 
@@ -286,7 +296,7 @@ def read_csv(path: Path):
     if not path.exists():
         raise GradflowError(f"{path}: file not found")
     try:
-        return pd.read_csv(path, float_precision="round_trip")
+        return pd.read_csv(path, **exact_float_options())
     except pd.errors.EmptyDataError:
         raise GradflowError(f"{path}: empty file (expected a CSV header)") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
