@@ -240,8 +240,10 @@ def product_singular_values(J, *, distances=None, start: int = 0, mask=None, k: 
     operator's device when it is CUDA, else CPU); tol: convergence of the top-k route (ln σ, absolute);
     threads: the full-frame route sweeps the batch items in this many groups in parallel, each with
     one intra-op thread (default as :func:`lyapunov_exponents`: torch's intra-op thread count, at
-    most the cores, fewer while a group's step would cost under ~2 Mflop). Other routes run on one
-    intra-op thread."""
+    most the cores, fewer while a group's step would cost under ~2 Mflop); the top-k route finishes
+    the distances its shared rounds leave unsettled on this many threads (default: torch's intra-op
+    thread count, at most the cores). Either way the result does not depend on it. Every thread
+    runs one intra-op thread."""
     outer = torch.get_num_threads()
     with _util.intra_op_threads(1):
         return _product_singular_values(J, distances, start, mask, k, device, tol, threads, outer)
@@ -265,14 +267,19 @@ def _product_singular_values(J, distances, start, mask, k, device, tol, threads,
         cs = _log_moduli(op, None if mask is None else mask.to(dev))[start:start + ds[-1]].cumsum(0)
         out = cs[[d - 1 for d in ds]].sort(-1, descending=True).values
         return (out if k is None else out[..., :k]).cpu()
+    if threads is not None:
+        threads = _util.positive_int(threads, "threads", "product_singular_values")
+    serial = getattr(op, "step", None) is not None or dev.type != "cpu"
+    # torch.func's forward-AD levels are per process, not per thread; one stream on a GPU
     if k is not None and oversampled(k, S) < S:
-        return product_topk(op, ds, start, k, mask, dev, tol=tol).cpu()
+        n = 1 if serial else (min(outer, os.cpu_count() or 1) if threads is None else threads)
+        return product_topk(op, ds, start, k, mask, dev, tol=tol, threads=n).cpu()
     mask = None if mask is None else mask.to(dev)
     if threads is None:
         threads = min(outer, os.cpu_count() or 1, max(1, B * S ** 3 // _THREAD_FLOPS))
-    threads = max(1, min(_util.positive_int(threads, "threads", "product_singular_values"), B))
-    if getattr(op, "step", None) is not None or dev.type != "cpu":
-        threads = 1  # torch.func's forward-AD levels are per process, not per thread; one stream on a GPU
+    threads = max(1, min(threads, B))
+    if serial:
+        threads = 1
     want = set(ds)
 
     def chain(idx):

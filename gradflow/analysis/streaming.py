@@ -64,6 +64,11 @@ class ChunkedLinearization:
     def to(self, dtype) -> "ChunkedLinearization":
         return replace(self, out_dtype=dtype, _cache={})
 
+    def fresh(self) -> "ChunkedLinearization":
+        """The same operator with a cache of its own: one for each thread that sweeps it at once
+        (the chunk cache is per operator, and a sweep of another thread would evict its chunk)."""
+        return replace(self, _cache={})
+
     def select_batch(self, idx) -> "ChunkedLinearization":
         return replace(self, x=self.x[:, idx], prev=tuple(p[:, idx] for p in self.prev),
                        mask=None if self.mask is None else self.mask[:, idx], _cache={})

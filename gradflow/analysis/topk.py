@@ -29,6 +29,7 @@ matrix. For each requested distance d:
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -181,10 +182,12 @@ def _finish(op, steps, valid_of, U, V, ef, eb, k: int, tol: float, generator):
 
 
 def product_topk(op, ds: list[int], start: int, k: int, mask, dev, *, tol: float = 1e-11,
-                 seed: int = 0) -> torch.Tensor:
+                 seed: int = 0, threads: int = 1) -> torch.Tensor:
     """ln σ_1..k(P_d) for each distance of ``ds`` (increasing) -> [len(ds), B, k] float64 on ``dev``.
 
-    op: float64 operator (step order) computing on ``dev``; mask [T, B] bool or None (False: identity step)."""
+    op: float64 operator (step order) computing on ``dev``; mask [T, B] bool or None (False: identity step).
+    threads: the distances left unsettled by the shared rounds are finished on this many threads
+    (each distance's work is independent and deterministic: the result does not depend on it)."""
     T, B, S = op.shape
     m = _util.positive_int(oversampled(k, S), "k", "product_singular_values")
     full = None if mask is None else mask.all(1).tolist()
@@ -220,7 +223,21 @@ def product_topk(op, ds: list[int], start: int, k: int, mask, dev, *, tol: float
         V[act], U[act], ef[act], eb[act] = Va, Ua, efa, eba
         for n, i in enumerate(act):
             done[i] = _settled(efa[n], eba[n], k, tol)
-    out = [ef[i, :, :k] if done[i] else
-           _finish(op, list(range(start, start + d)), valid_of, U[i], V[i], ef[i], eb[i], k, tol, g)
-           for i, d in enumerate(ds)]
+    out = [ef[i, :, :k] if done[i] else None for i in range(len(ds))]
+    todo = [i for i in range(len(ds)) if not done[i]]
+    gens = {i: torch.Generator().manual_seed(seed + 1 + i) for i in todo}  # per distance: any order, any thread
+
+    def finish(i, op=op):
+        return _finish(op, list(range(start, start + ds[i])), valid_of, U[i], V[i], ef[i], eb[i], k, tol, gens[i])
+
+    if threads > 1 and len(todo) > 1:
+        fresh = getattr(op, "fresh", None)  # an operator that caches chunks: one cache per distance
+        task = finish if fresh is None else (lambda i: finish(i, fresh()))
+        order = sorted(todo, key=lambda i: -ds[i])  # longest first, so that the threads finish together
+        with ThreadPoolExecutor(min(threads, len(todo))) as ex:
+            for i, r in zip(order, ex.map(task, order)):
+                out[i] = r
+    else:
+        for i in todo:
+            out[i] = finish(i)
     return torch.stack(out)

@@ -146,6 +146,38 @@ def test_top_k_jobs_run_two_at_a_time_with_the_same_tables(monkeypatch):
         pd_testing.assert_frame_equal(par[name], seq[name], check_exact=False, rtol=1e-12)
 
 
+def test_a_single_products_job_takes_the_idle_workers_share(monkeypatch):
+    """With fewer products jobs than workers, each finishes its top-k distances on the idle workers'
+    threads (one layer, two workers: two); the tables equal those of one thread. Two layers on two
+    workers, one worker on the top-k route: one thread; small units keep the chain's own default."""
+    import gradflow
+    from gradflow.analysis import pipeline
+    from torch import nn
+
+    torch.manual_seed(3)
+    m = nn.LSTM(3, 6).double()
+    with gradflow.record(m, keep="states") as rec:
+        out, _ = m(torch.randn(8, 3, 3, dtype=torch.float64))
+        out[-1].pow(2).sum().backward()
+    cfg = AnalysisConfig(dense_max=0, k=3, spectra_steps=3)
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    top, dense = pipeline.plan_trace(rec.trace, cfg), pipeline.plan_trace(rec.trace, AnalysisConfig())
+    assert pipeline._product_threads(2, 1, top) == 2
+    assert pipeline._product_threads(2, 2, top) == 1
+    assert pipeline._product_threads(1, 1, top) == 1
+    assert pipeline._product_threads(1, 1, dense) is None
+    seen, real = [], pipeline.product_singular_values
+    monkeypatch.setattr(pipeline, "product_singular_values",
+                        lambda *a, **kw: seen.append(kw["threads"]) or real(*a, **kw))
+    par = analyze_trace(rec.trace, cfg)
+    assert seen == [2]
+    monkeypatch.setattr(pipeline, "_product_threads", lambda *a: 1)
+    seq = analyze_trace(rec.trace, cfg)
+    assert seen == [2, 1] and set(par) == set(seq)
+    for name in seq:
+        __import__("pandas").testing.assert_frame_equal(par[name], seq[name], check_exact=True)
+
+
 def test_a_failing_job_raises_its_error_and_restores_the_threads():
     from gradflow.analysis import pipeline
 

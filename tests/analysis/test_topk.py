@@ -201,3 +201,44 @@ def test_products_and_lyapunov_device_errors():
     with pytest.raises(GradflowError, match="k=5 exceeds the state size S=4"):
         product_singular_values(J, k=5)
     assert math.isfinite(float(product_singular_values(J, k=1, device="cpu")[0, 0, 0]))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_product_top_k_finishes_in_threads_equal_one_thread(kind, monkeypatch):
+    """The distances left unsettled by the shared rounds are finished on several threads, each with
+    its own chunk cache (chunks of 2 steps: the threads would evict each other's): the result equals
+    the one-thread result exactly, masked steps included, and the explicit products."""
+    import threading
+
+    from gradflow.analysis import topk
+    from gradflow.analysis.streaming import chunked_linearization
+
+    tr, key, _ = h.make_trace(kind, T=12, B=3, H=4 if kind == "lstm" else 8, lengths=[12, 7, 10], seed=4)  # S = 8
+    ds = [1, 2, 5, 9, 12]
+    finished, real = [], topk._finish
+
+    def spy(*args, **kwargs):
+        finished.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(topk, "_finish", spy)
+    op = chunked_linearization(tr, key, chunk=2, dtype=torch.float64)
+    one = product_singular_values(op, distances=ds, mask=op.step_mask, k=K, threads=1)
+    assert len(finished) >= 2  # the case exercises the finishes
+    finished.clear()
+    from gradflow.analysis.streaming import ChunkedLinearization
+
+    users, locate = {}, ChunkedLinearization._locate
+
+    def spy_locate(self, k):
+        users.setdefault(id(self._cache), set()).add(threading.get_ident())
+        return locate(self, k)
+
+    monkeypatch.setattr(ChunkedLinearization, "_locate", spy_locate)
+    par = product_singular_values(op, distances=ds, mask=op.step_mask, k=K, threads=3)
+    assert len(set(finished)) >= 2  # ... on several threads
+    assert all(len(t) == 1 for t in users.values())  # no chunk cache is shared by two threads
+    assert torch.equal(par, one)
+    J = linearize_trace(tr, key, dtype=torch.float64).dense()
+    full = product_singular_values(J, distances=ds, mask=op.step_mask)[..., :K]
+    _close(par, full)
