@@ -242,8 +242,8 @@ def product_singular_values(J, *, distances=None, start: int = 0, mask=None, k: 
     one intra-op thread (default as :func:`lyapunov_exponents`: torch's intra-op thread count, at
     most the cores, fewer while a group's step would cost under ~2 Mflop); the top-k route finishes
     the distances its shared rounds leave unsettled on this many threads (default: torch's intra-op
-    thread count, at most the cores). Either way the result does not depend on it. Every thread
-    runs one intra-op thread."""
+    thread count, at most the cores). Either way the result is the same, to rounding. Every
+    thread runs one intra-op thread."""
     outer = torch.get_num_threads()
     with _util.intra_op_threads(1):
         return _product_singular_values(J, distances, start, mask, k, device, tol, threads, outer)

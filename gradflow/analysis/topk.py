@@ -187,7 +187,8 @@ def product_topk(op, ds: list[int], start: int, k: int, mask, dev, *, tol: float
 
     op: float64 operator (step order) computing on ``dev``; mask [T, B] bool or None (False: identity step).
     threads: the distances left unsettled by the shared rounds are finished on this many threads
-    (each distance's work is independent and deterministic: the result does not depend on it)."""
+    (each distance's work is independent, with its own generator: the result does not depend on
+    the number of threads)."""
     T, B, S = op.shape
     m = _util.positive_int(oversampled(k, S), "k", "product_singular_values")
     full = None if mask is None else mask.all(1).tolist()

@@ -207,7 +207,7 @@ def test_products_and_lyapunov_device_errors():
 def test_product_top_k_finishes_in_threads_equal_one_thread(kind, monkeypatch):
     """The distances left unsettled by the shared rounds are finished on several threads, each with
     its own chunk cache (chunks of 2 steps: the threads would evict each other's): the result equals
-    the one-thread result exactly, masked steps included, and the explicit products."""
+    the one-thread result (to rounding), masked steps included, and the explicit products."""
     import threading
 
     from gradflow.analysis import topk
@@ -236,9 +236,10 @@ def test_product_top_k_finishes_in_threads_equal_one_thread(kind, monkeypatch):
 
     monkeypatch.setattr(ChunkedLinearization, "_locate", spy_locate)
     par = product_singular_values(op, distances=ds, mask=op.step_mask, k=K, threads=3)
-    assert len(set(finished)) >= 2  # ... on several threads
+    assert len(finished) >= 2 and threading.get_ident() not in finished  # ... on the pool's threads
     assert all(len(t) == 1 for t in users.values())  # no chunk cache is shared by two threads
-    assert torch.equal(par, one)
+    assert torch.equal(torch.isfinite(par), torch.isfinite(one))
+    torch.testing.assert_close(par, one, rtol=0, atol=1e-12)
     J = linearize_trace(tr, key, dtype=torch.float64).dense()
     full = product_singular_values(J, distances=ds, mask=op.step_mask)[..., :K]
     _close(par, full)
