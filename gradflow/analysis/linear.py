@@ -32,6 +32,8 @@ from . import _util
 
 __all__ = ["Linearization", "linearize"]
 
+_TRANSPOSED_MIN_BYTES = 16 << 20  # W_hh from this size: Jᵀ u reads a row-major copy of W_hhᵀ (weight_hh_t)
+
 
 @dataclass(frozen=True, eq=False)
 class Linearization:
@@ -151,6 +153,18 @@ class Linearization:
         if lin.mask is not None:
             out = torch.where(lin.mask[..., None, None], out, rows)
         return out.mT
+
+    @cached_property
+    def weight_hh_t(self) -> torch.Tensor | None:
+        """A contiguous copy of W_hhᵀ when W_hh is large (at least 16 MiB), else None, made once per
+        Linearization. Jᵀ u of a few rows is a GEMM bound by reading W_hh from memory, and MKL's
+        skinny product runs faster on Wᵀ stored row-major (R @ (Wᵀ)ᵀ) than on W itself: float64
+        [4096, 1024], 8 rows, one thread: 7.1 against 11.6 ms; no gain at [2048, 512] (8 MiB, cache
+        resident: 1.17 against 1.00 ms)."""
+        W = self.weights.get("weight_hh")
+        if W is None or W.numel() * W.element_size() < _TRANSPOSED_MIN_BYTES:
+            return None
+        return W.T.contiguous()
 
     @cached_property
     def _full_steps(self) -> list:

@@ -32,6 +32,13 @@ def rows_matmul(R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return R.reshape(-1, R.shape[-1]).mm(W).view(*R.shape[:-1], W.shape[-1])
 
 
+def rows_matmul_hh(R: torch.Tensor, lin) -> torch.Tensor:
+    """R @ W_hh (the transposed products Jᵀ u) by :func:`rows_matmul`, through the row-major copy
+    of W_hhᵀ that a Linearization keeps for a large W_hh (``Linearization.weight_hh_t``)."""
+    Wt = getattr(lin, "weight_hh_t", None)
+    return rows_matmul(R, lin.weights["weight_hh"] if Wt is None else Wt.T)
+
+
 def preactivations(params, x, h, dtype):
     """(W_ih x + b_ih, W_hh h + b_hh) for all steps: one GEMM each over the flattened [T*B] rows,
     the bias added by the GEMM itself (no second pass over a fresh [T, B, G*H] buffer)."""

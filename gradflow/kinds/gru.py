@@ -16,7 +16,7 @@ from torch import nn
 from ._once import once_differentiable
 
 from . import _kernel as K
-from ._gated import GatedKind, preactivations, promoted, rows_matmul
+from ._gated import GatedKind, preactivations, promoted, rows_matmul, rows_matmul_hh
 
 
 class GRURecurrence(torch.autograd.Function):
@@ -210,7 +210,7 @@ class GRUKind(GatedKind):
         c3 = c["c3"].unflatten(-1, (3, H))
         if transpose:  # Jᵀu = z u + [c_r u, c_z u, c_n u] W
             X = (c3 * R.unsqueeze(-2)).flatten(-2)
-            return rows_matmul(X, W).addcmul_(c["z"], R)
+            return rows_matmul_hh(X, lin).addcmul_(c["z"], R)
         A = rows_matmul(R, W.T).unflatten(-1, (3, H)).mul_(c3)  # J v = z v + Σ_gates c_gate (W_gate v)
         return A.sum(-2).addcmul_(c["z"], R)
 

@@ -301,7 +301,8 @@ class LSTMKind(GatedKind):
             torch.mul(k4[..., :3, :], uc.unsqueeze(-2), out=ga[..., :3, :])
             torch.mul(k4[..., 3, :], um, out=ga[..., 3, :])
             out = torch.empty(*lead, R.shape[-1], dtype=R.dtype, device=R.device)
-            torch.matmul(ga.flatten(-2), W, out=out[..., :P])
+            Wt = getattr(lin, "weight_hh_t", None)
+            torch.matmul(ga.flatten(-2), W if Wt is None else Wt.T, out=out[..., :P])
             torch.mul(c["f"], uc, out=out[..., P:])
             return out
         A = rows_matmul(R[..., :P], W.T).unflatten(-1, (4, H)).mul_(k4)

@@ -14,7 +14,7 @@ from ._once import once_differentiable
 
 from ..errors import UnsupportedModuleError
 from . import _kernel as K
-from ._gated import GatedKind, preactivations, promoted, rows_matmul
+from ._gated import GatedKind, preactivations, promoted, rows_matmul, rows_matmul_hh
 
 
 class RNNRecurrence(torch.autograd.Function):
@@ -142,7 +142,7 @@ class RNNKind(GatedKind):
         d = (lin.coef if coef is None else coef)["d"]
         d = d.unsqueeze(-2) if unsqueeze else d
         W = lin.weights["weight_hh"]
-        return rows_matmul(d * R, W) if transpose else d * rows_matmul(R, W.T)
+        return rows_matmul_hh(d * R, lin) if transpose else d * rows_matmul(R, W.T)
 
     def apply_rows(self, lin, R, k, transpose, full, out=None):
         if not full or out is None:
@@ -151,7 +151,8 @@ class RNNKind(GatedKind):
         W = lin.weights["weight_hh"]
         tmp = d * R if transpose else rows_matmul(R, W.T)
         if transpose:
-            torch.mm(tmp.view(-1, R.shape[-1]), W, out=out.view(-1, R.shape[-1]))
+            Wt = getattr(lin, "weight_hh_t", None)
+            torch.mm(tmp.view(-1, R.shape[-1]), W if Wt is None else Wt.T, out=out.view(-1, R.shape[-1]))
         else:
             torch.mul(d, tmp, out=out)
         return out

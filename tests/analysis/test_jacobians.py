@@ -224,3 +224,29 @@ def test_apply_rows_in_place_matches_dense(kind, transpose, masked):
         buf = R.clone()
         op.apply_rows(buf, k, transpose, out=buf)
         torch.testing.assert_close(buf, want)
+
+
+@pytest.mark.parametrize("kind,opts", [("rnn_tanh", {}), ("rnn_relu", {}), ("gru", {}), ("lstm", {}),
+                                       ("lstm", {"proj": 2})])
+def test_transposed_products_through_the_row_major_copy_of_w_hh(kind, opts, monkeypatch):
+    """For a large W_hh (at least 16 MiB: here every size), Jᵀ u reads a row-major copy of W_hhᵀ:
+    rmatvec and the sweeps' apply_rows still equal the dense Jᵀ, masked steps included."""
+    from gradflow.analysis import linear
+
+    tr, key, _ = h.make_trace(kind, T=5, B=3, lengths=[5, 2, 4], **opts)
+    assert linearize_trace(tr, key).weight_hh_t is None  # small: W_hh itself
+    monkeypatch.setattr(linear, "_TRANSPOSED_MIN_BYTES", 0)
+    lin = linearize_trace(tr, key, dtype=torch.float64)
+    W = lin.weights["weight_hh"]
+    assert lin.weight_hh_t.is_contiguous() and torch.equal(lin.weight_hh_t, W.T)
+    J = lin.dense()
+    T, B, S = lin.shape
+    V = torch.randn(T, B, S, 2, dtype=h.DT)
+    torch.testing.assert_close(lin.rmatvec(V), J.mT @ V, rtol=0, atol=1e-12)
+    R = torch.randn(3, B, S, dtype=torch.float64)
+    for k in range(T):
+        want = torch.einsum("nbs,bst->nbt", R, J[k])
+        torch.testing.assert_close(lin.apply_rows(R, k, True), want, rtol=0, atol=1e-12)
+        buf = R.clone()
+        lin.apply_rows(buf, k, True, out=buf)
+        torch.testing.assert_close(buf, want, rtol=0, atol=1e-12)
