@@ -32,11 +32,17 @@ def rows_matmul(R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return R.reshape(-1, R.shape[-1]).mm(W).view(*R.shape[:-1], W.shape[-1])
 
 
-def rows_matmul_hh(R: torch.Tensor, lin) -> torch.Tensor:
-    """R @ W_hh (the transposed products Jᵀ u) by :func:`rows_matmul`, through the row-major copy
-    of W_hhᵀ that a Linearization keeps for a large W_hh (``Linearization.weight_hh_t``)."""
+def hh_right(lin) -> torch.Tensor:
+    """W_hh as the right factor of R @ W_hh (the transposed products Jᵀ u): the transposed view of
+    the row-major copy of W_hhᵀ that a Linearization keeps for a large W_hh
+    (``Linearization.weight_hh_t``), else W_hh itself."""
     Wt = getattr(lin, "weight_hh_t", None)
-    return rows_matmul(R, lin.weights["weight_hh"] if Wt is None else Wt.T)
+    return lin.weights["weight_hh"] if Wt is None else Wt.T
+
+
+def rows_matmul_hh(R: torch.Tensor, lin) -> torch.Tensor:
+    """R @ W_hh by :func:`rows_matmul`, with W_hh as :func:`hh_right` gives it."""
+    return rows_matmul(R, hh_right(lin))
 
 
 def preactivations(params, x, h, dtype):

@@ -21,7 +21,7 @@ from ._once import once_differentiable
 
 from ..errors import TaskError
 from . import _kernel as K
-from ._gated import GatedKind, preactivations, promoted, rows_matmul
+from ._gated import GatedKind, hh_right, preactivations, promoted, rows_matmul
 
 
 def _gate_scaled(w: torch.Tensor) -> torch.Tensor:
@@ -301,8 +301,7 @@ class LSTMKind(GatedKind):
             torch.mul(k4[..., :3, :], uc.unsqueeze(-2), out=ga[..., :3, :])
             torch.mul(k4[..., 3, :], um, out=ga[..., 3, :])
             out = torch.empty(*lead, R.shape[-1], dtype=R.dtype, device=R.device)
-            Wt = getattr(lin, "weight_hh_t", None)
-            torch.matmul(ga.flatten(-2), W if Wt is None else Wt.T, out=out[..., :P])
+            torch.matmul(ga.flatten(-2), hh_right(lin), out=out[..., :P])
             torch.mul(c["f"], uc, out=out[..., P:])
             return out
         A = rows_matmul(R[..., :P], W.T).unflatten(-1, (4, H)).mul_(k4)

@@ -14,7 +14,7 @@ from ._once import once_differentiable
 
 from ..errors import UnsupportedModuleError
 from . import _kernel as K
-from ._gated import GatedKind, preactivations, promoted, rows_matmul, rows_matmul_hh
+from ._gated import GatedKind, hh_right, preactivations, promoted, rows_matmul, rows_matmul_hh
 
 
 class RNNRecurrence(torch.autograd.Function):
@@ -151,8 +151,7 @@ class RNNKind(GatedKind):
         W = lin.weights["weight_hh"]
         tmp = d * R if transpose else rows_matmul(R, W.T)
         if transpose:
-            Wt = getattr(lin, "weight_hh_t", None)
-            torch.mm(tmp.view(-1, R.shape[-1]), W if Wt is None else Wt.T, out=out.view(-1, R.shape[-1]))
+            torch.mm(tmp.view(-1, R.shape[-1]), hh_right(lin), out=out.view(-1, R.shape[-1]))
         else:
             torch.mul(d, tmp, out=out)
         return out
