@@ -95,8 +95,7 @@ class Linearization:
     def select(self, index) -> "Linearization":
         """The linearization restricted to steps ``index`` (int, slice or index tensor along T)."""
         keep_dim = (lambda a: a[index]) if not isinstance(index, int) else (lambda a: a[index:index + 1])
-        return replace(
-            self,
+        return self._same_weights(
             coef={k: keep_dim(v) for k, v in self.coef.items()},
             mask=None if self.mask is None else keep_dim(self.mask),
             x=None if self.x is None else keep_dim(self.x),
@@ -105,13 +104,20 @@ class Linearization:
 
     def select_batch(self, idx) -> "Linearization":
         """The same steps for batch items ``idx`` (index tensor or slice along B) only."""
-        return replace(
-            self,
+        return self._same_weights(
             coef={k: v[:, idx] for k, v in self.coef.items()},
             mask=None if self.mask is None else self.mask[:, idx],
             x=None if self.x is None else self.x[:, idx],
             prev=tuple(p[:, idx] for p in self.prev),
         )
+
+    def _same_weights(self, **changes) -> "Linearization":
+        """``replace(self, **changes)`` for changes that keep the weights (other steps or batch items):
+        the result shares the cached copy of W_hhᵀ (:attr:`weight_hh_t`) instead of making its own."""
+        out = replace(self, **changes)
+        if "weight_hh_t" in self.__dict__:
+            out.__dict__["weight_hh_t"] = self.__dict__["weight_hh_t"]
+        return out
 
     def flip(self) -> "Linearization":
         """Reverse the order of steps (position order <-> step order for direction 1)."""
@@ -129,9 +135,9 @@ class Linearization:
     def _at(self, k):
         if k is None:
             return self
-        return replace(self, coef={n: v[k] for n, v in self.coef.items()},
-                       mask=None if self.mask is None else self.mask[k],
-                       x=None if self.x is None else self.x[k], prev=tuple(p[k] for p in self.prev))
+        return self._same_weights(coef={n: v[k] for n, v in self.coef.items()},
+                                  mask=None if self.mask is None else self.mask[k],
+                                  x=None if self.x is None else self.x[k], prev=tuple(p[k] for p in self.prev))
 
     def matvec(self, V: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """J V: V [T, B, S, m] (k None) or [B, S, m] (one step k) -> same shape."""

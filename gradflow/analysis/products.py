@@ -263,12 +263,12 @@ def _product_singular_values(J, distances, start, mask, k, device, tol, threads,
     ds = list(range(1, T - start + 1)) if distances is None else [int(d) for d in distances]
     if not ds or ds != sorted(set(ds)) or ds[0] < 1 or ds[-1] > T - start:
         raise GradflowError(f"product_singular_values: distances must be increasing ints in 1..{T - start}, got {ds[:6]}")
+    if threads is not None:
+        threads = _util.positive_int(threads, "threads", "product_singular_values")
     if _structured(op):  # per-unit products: exact, no QR
         cs = _log_moduli(op, None if mask is None else mask.to(dev))[start:start + ds[-1]].cumsum(0)
         out = cs[[d - 1 for d in ds]].sort(-1, descending=True).values
         return (out if k is None else out[..., :k]).cpu()
-    if threads is not None:
-        threads = _util.positive_int(threads, "threads", "product_singular_values")
     serial = getattr(op, "step", None) is not None or dev.type != "cpu"
     # torch.func's forward-AD levels are per process, not per thread; one stream on a GPU
     if k is not None and oversampled(k, S) < S:

@@ -239,6 +239,10 @@ def test_transposed_products_through_the_row_major_copy_of_w_hh(kind, opts, monk
     lin = linearize_trace(tr, key, dtype=torch.float64)
     W = lin.weights["weight_hh"]
     assert lin.weight_hh_t.is_contiguous() and torch.equal(lin.weight_hh_t, W.T)
+    # re-indexed steps or batch items keep the weights, and share the copy (no 32 MB copy per step)
+    for derived in (lin.select(slice(1, 3)), lin.select_batch([0, 2]), lin.flip(), lin._at(2)):
+        assert derived.weight_hh_t is lin.weight_hh_t
+    assert lin.to(torch.float32).weight_hh_t.dtype == torch.float32  # new weights: a copy of its own
     J = lin.dense()
     T, B, S = lin.shape
     V = torch.randn(T, B, S, 2, dtype=h.DT)

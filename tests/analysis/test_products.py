@@ -192,6 +192,9 @@ def test_products_batch_groups_in_parallel_equal_one_chain(kind):
                                rtol=0, atol=1e-12)
     with pytest.raises(GradflowError, match="threads"):
         product_singular_values(J, threads=0)
+    tr, key, _ = h.make_trace("indrnn", T=6, B=2)  # diagonal: checked before the exact per-unit route
+    with pytest.raises(GradflowError, match="threads"):
+        product_spectrum(tr, key, threads=0)
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm", "rnn_tanh"])
